@@ -1,0 +1,89 @@
+"""Binary differential evolution (METHOD.md §3): initial population, children, greedy selection, convergence.
+
+Operators take their random draws as arguments so that any implementation fed the same draws (the Triton
+kernel, a resumed run) produces identical children; ``draw_randoms`` makes those draws from a seeded generator.
+Everything is vectorised over the whole population.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+
+def check_probability(name: str, value: float) -> float:
+    """A probability must lie in [0, 1]."""
+    value = float(value)
+    if not 0.0 <= value <= 1.0:
+        raise ValueError(f"{name} must be a probability in [0, 1], got {value}")
+    return value
+
+
+def check_population_size(size: int) -> int:
+    """Differential evolution needs a member and three distinct others."""
+    if int(size) != size or size < 4:
+        raise ValueError(f"population_size must be an integer >= 4 (each child needs three other distinct members), "
+                         f"got {size}")
+    return int(size)
+
+
+def initial_population(size: int, num_units: int, keep: float, generator: torch.Generator) -> torch.Tensor:
+    """Bits ~ Bernoulli(keep), True = keep the unit."""
+    return torch.rand(size, num_units, generator=generator) < keep
+
+
+@dataclass
+class Draws:
+    """The random numbers one generation consumes: parent triples [S, 3], mutation and crossover uniforms [S, D]."""
+
+    parents: torch.Tensor
+    mutation: torch.Tensor
+    crossover: torch.Tensor
+
+
+def draw_randoms(size: int, num_units: int, generator: torch.Generator) -> Draws:
+    """Distinct a, b, c != i, uniformly over ordered triples (argsort of uniform keys with i excluded)."""
+    keys = torch.rand(size, size, generator=generator)
+    keys.fill_diagonal_(2.0)
+    parents = keys.argsort(dim=1)[:, :3]
+    mutation = torch.rand(size, num_units, generator=generator)
+    crossover = torch.rand(size, num_units, generator=generator)
+    return Draws(parents, mutation, crossover)
+
+
+def mutate(population: torch.Tensor, parents: torch.Tensor, u: torch.Tensor, factor: float) -> torch.Tensor:
+    """v = s_a where u <= F; elsewhere 1 - s_a when s_b == s_c, and 0 when they differ."""
+    a, b, c = (population[parents[:, k]] for k in range(3))
+    return torch.where(u <= factor, a, (b == c) & ~a)
+
+
+def crossover(population: torch.Tensor, mutant: torch.Tensor, r: torch.Tensor, rate: float) -> torch.Tensor:
+    """Child takes the mutant's gene with probability C, else the parent's."""
+    return torch.where(r < rate, mutant, population)
+
+
+def make_children(population: torch.Tensor, draws: Draws, factor: float, rate: float) -> torch.Tensor:
+    """One generation of children for every member at once."""
+    device = population.device
+    mutant = mutate(population, draws.parents.to(device), draws.mutation.to(device), factor)
+    return crossover(population, mutant, draws.crossover.to(device), rate)
+
+
+def select(population, energies, children, child_energies):
+    """Greedy selection: a child replaces its parent only if strictly better (ties keep the parent)."""
+    better = child_energies < energies
+    return (torch.where(better.unsqueeze(1), children, population), torch.where(better, child_energies, energies))
+
+
+@dataclass
+class Convergence:
+    """Freeze the best state once it is unchanged for ``patience`` iterations, after ``min_iterations`` (METHOD §5)."""
+
+    min_iterations: int
+    patience: int
+    unchanged: int = 0
+
+    def update(self, iteration: int, changed: bool) -> bool:
+        """Record one iteration; True when the best state is to be frozen now."""
+        self.unchanged = 0 if changed else self.unchanged + 1
+        return iteration >= self.min_iterations and self.unchanged >= self.patience

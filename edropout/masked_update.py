@@ -1,0 +1,64 @@
+"""An optimizer step that leaves pruned weights and their optimizer state exactly unchanged.
+
+Works with any ``torch.optim`` optimizer: gradients of pruned elements are zeroed, the values of pruned
+elements of every parameter and of every parameter-shaped state tensor (momentum, Adam moments, Adadelta
+accumulators) are saved, the ordinary step runs, and the saved values are written back. State tensors that the
+step creates start at zero for pruned elements, their untouched initial value for the optimizers torch ships
+lazily (SGD, Adam, AdamW, Adadelta, RMSprop, ...). So weight decay never shrinks a pruned weight and momentum
+never drifts it: pruned weights are frozen, not zeroed, exactly like dropout (METHOD.md §4).
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn as nn
+
+from .units import PrunableUnits
+
+
+def keep_masks(model: nn.Module, units: PrunableUnits, state: torch.Tensor) -> dict:
+    """Boolean keep-mask (broadcastable to the parameter) for every parameter a bit can remove."""
+    params = dict(model.named_parameters())
+    ext = units.extended(state.reshape(1, -1))[0]
+    masks = {}
+    for pa in units.param_axes:
+        param = params[pa.name]
+        keep = torch.ones((1,) * param.dim(), dtype=torch.bool, device=param.device)
+        for dim, index in pa.axes.items():
+            shape = [1] * param.dim()
+            shape[dim] = -1
+            keep = keep & ext[index.to(ext.device)].to(param.device).view(shape)
+        masks[param] = keep
+    return masks
+
+
+def _frozen(param, keep):
+    return ~keep.expand_as(param)
+
+
+def masked_step(optimizer: torch.optim.Optimizer, masks: dict) -> None:
+    """``optimizer.step()`` with every element outside its keep-mask left exactly as it was."""
+    saved = {}
+    for param, keep in masks.items():
+        if bool(keep.all()):
+            continue
+        frozen = _frozen(param, keep)
+        if param.grad is not None:
+            param.grad.masked_fill_(frozen, 0)
+        state = optimizer.state.get(param, {})
+        tensors = {k: v[frozen].clone() for k, v in state.items()
+                   if torch.is_tensor(v) and v.shape == param.shape}
+        saved[param] = (frozen, param.detach()[frozen].clone(), tensors)
+    optimizer.step()
+    with torch.no_grad():
+        for param, (frozen, values, tensors) in saved.items():
+            param[frozen] = values
+            for key, value in optimizer.state.get(param, {}).items():
+                if torch.is_tensor(value) and value.shape == param.shape:
+                    value[frozen] = tensors[key] if key in tensors else 0
+
+
+def zero_pruned(masks: dict) -> None:
+    """Set pruned weights to zero for good (``finalize``)."""
+    with torch.no_grad():
+        for param, keep in masks.items():
+            param.masked_fill_(_frozen(param, keep), 0)

@@ -1,0 +1,191 @@
+"""``EDropout``: evolve a population of pruning states by their energies while the kept weights train.
+
+One iteration (METHOD.md §4): make children, score them on the batch, select greedily, pick the best state;
+then a cross-entropy forward/backward with the best state applied and an optimizer step that leaves pruned
+weights exactly unchanged. Once the best state stops changing (§5) it is frozen and pruned weights are zeroed.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from . import evolution as evo
+from .backends import resolve_backend, score
+from .energy import check_labels, resolve_energy
+from .export import export_pruned
+from .masked_update import keep_masks, masked_step, zero_pruned
+from .masking import masked
+from .units import discover_units, model_outputs
+
+
+@dataclass
+class StepInfo:
+    """What one ``step`` did: training loss, best and mean stored energy, pruning rate of the best state."""
+
+    iteration: int
+    loss: float
+    best_energy: float
+    mean_energy: float
+    pruning_rate: float
+    converged: bool
+
+
+class EDropout:
+    """Energy-based pruning of ``model``'s channels by binary differential evolution.
+
+    ``example_inputs`` is one small input batch used to trace which channels must be pruned together.
+    """
+
+    def __init__(self, model: nn.Module, example_inputs: torch.Tensor, *, population_size: int = 8,
+                 init_keep: float = 0.5, mutation_factor: float = 0.9, crossover_rate: float = 0.9,
+                 energy="margin", backend: str = "auto", seed: int = 0, min_iterations: int = 100,
+                 patience: int = 10, rescore_parents: bool = False, score_in_eval_mode: bool = False,
+                 ignored_layers=None, max_members_per_pass=None):
+        if not isinstance(model, nn.Module):
+            raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
+        if not torch.is_tensor(example_inputs):
+            raise TypeError("example_inputs must be a Tensor batch of the model's input (e.g. x[:2])")
+        self.model = model
+        self.example_inputs = example_inputs
+        self.population_size = evo.check_population_size(population_size)
+        self.init_keep = evo.check_probability("init_keep", init_keep)
+        self.mutation_factor = evo.check_probability("mutation_factor", mutation_factor)
+        self.crossover_rate = evo.check_probability("crossover_rate", crossover_rate)
+        self.energy_fn = resolve_energy(energy)
+        self.device = next(model.parameters()).device
+        self.backend = resolve_backend(backend, self.device)
+        if min_iterations < 0 or patience < 1:
+            raise ValueError(f"min_iterations must be >= 0 and patience >= 1, got {min_iterations} and {patience}")
+        self.rescore_parents = bool(rescore_parents)
+        self.batch_statistics = not score_in_eval_mode
+        self.max_members_per_pass = max_members_per_pass
+        self.units = discover_units(model, example_inputs, ignored_layers)
+        self.num_classes = model_outputs(model, example_inputs).shape[-1]
+        self.seed = int(seed)
+        self.generator = torch.Generator().manual_seed(self.seed)
+        self.population = evo.initial_population(self.population_size, self.units.num_units, self.init_keep,
+                                                 self.generator).to(self.device)
+        self.stored_energies = None
+        self.best_state = torch.ones(self.units.num_units, dtype=torch.bool, device=self.device)
+        self.convergence = evo.Convergence(int(min_iterations), int(patience))
+        self.iteration = 0
+        self.converged = False
+        self._keep_masks = None
+
+    # ----- scoring -------------------------------------------------------------------------------------
+    @property
+    def num_units(self) -> int:
+        """D, the number of prunable unit groups (bits per state)."""
+        return self.units.num_units
+
+    def _check_batch(self, x, y):
+        if not torch.is_tensor(x) or not torch.is_tensor(y):
+            raise TypeError("x and y must be Tensors (inputs [B, ...] and integer labels [B])")
+        if y.dim() != 1 or x.shape[0] != y.shape[0]:
+            raise ValueError(f"x and y must have the same batch size and y must be 1-D labels; got x "
+                             f"{tuple(x.shape)} and y {tuple(y.shape)}")
+        if y.dtype.is_floating_point or y.dtype == torch.bool:
+            raise ValueError(f"y must hold integer class labels, got dtype {y.dtype}")
+        check_labels(y, self.num_classes)
+
+    def score_states(self, states: torch.Tensor, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        """Energies [N] of arbitrary states [N, D] on a batch; the model is left untouched."""
+        self._check_batch(x, y)
+        states = states.reshape(-1, self.num_units).to(self.device).bool()
+        return score(self.backend, self.model, self.units, states, x, y, self.energy_fn,
+                     self.batch_statistics, self.max_members_per_pass)
+
+    def energies(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        """Energy of every population member on this batch: Tensor[S]."""
+        return self.score_states(self.population, x, y)
+
+    # ----- evolution -----------------------------------------------------------------------------------
+    def evolve(self, x: torch.Tensor, y: torch.Tensor) -> None:
+        """One generation: children, scoring, greedy selection, best state and convergence."""
+        draws = evo.draw_randoms(self.population_size, self.num_units, self.generator)
+        children = evo.make_children(self.population, draws, self.mutation_factor, self.crossover_rate)
+        if self.stored_energies is None or self.rescore_parents:
+            both = self.score_states(torch.cat([self.population, children]), x, y)
+            self.stored_energies, child_energies = both.split(self.population_size)
+        else:
+            child_energies = self.score_states(children, x, y)
+        self.population, self.stored_energies = evo.select(self.population, self.stored_energies, children,
+                                                           child_energies)
+        best = self.population[int(self.stored_energies.argmin())]
+        changed = not torch.equal(best, self.best_state)
+        self.best_state = best.clone()
+        self._keep_masks = None
+        if self.convergence.update(self.iteration + 1, changed):
+            self.finalize()
+
+    # ----- training ------------------------------------------------------------------------------------
+    def _masks(self):
+        if self._keep_masks is None:
+            self._keep_masks = keep_masks(self.model, self.units, self.best_state)
+        return self._keep_masks
+
+    def step(self, x: torch.Tensor, y: torch.Tensor, optimizer: torch.optim.Optimizer) -> StepInfo:
+        """One EDropout iteration: evolve and select (until converged), then a masked training step."""
+        self._check_batch(x, y)
+        if not self.converged:
+            self.evolve(x, y)
+        with masked(self.model, self.units, self.best_state):
+            logits = self.model(x)
+        loss = F.cross_entropy(logits, y)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        masked_step(optimizer, self._masks())
+        self.iteration += 1
+        energies = self.stored_energies
+        return StepInfo(self.iteration, float(loss.detach()), float(energies.min()), float(energies.mean()),
+                        self.pruning_rate, self.converged)
+
+    def finalize(self) -> None:
+        """Freeze the best state, stop evolving and zero pruned weights for good."""
+        self.converged = True
+        zero_pruned(self._masks())
+
+    # ----- results -------------------------------------------------------------------------------------
+    @property
+    def pruning_rate(self) -> float:
+        """Share of trainable parameters that the best state removes when exported."""
+        return float(self.units.pruning_rate(self.best_state.cpu().unsqueeze(0))[0])
+
+    def apply(self, state=None):
+        """Context manager: the model computes with ``state`` (default: the best state) applied."""
+        return masked(self.model, self.units, self.best_state if state is None else state.to(self.device))
+
+    def export(self) -> nn.Module:
+        """A physically smaller copy of the model without the best state's pruned units."""
+        return export_pruned(self.model, self.units, self.best_state, self.example_inputs)
+
+    # ----- checkpointing -------------------------------------------------------------------------------
+    def state_dict(self) -> dict:
+        """Everything needed to resume the evolution exactly: population, energies, RNG, counters."""
+        return {"num_units": self.num_units, "population": self.population.cpu(),
+                "stored_energies": None if self.stored_energies is None else self.stored_energies.cpu(),
+                "best_state": self.best_state.cpu(), "generator": self.generator.get_state(),
+                "iteration": self.iteration, "converged": self.converged,
+                "unchanged": self.convergence.unchanged, "seed": self.seed}
+
+    def load_state_dict(self, state: dict) -> None:
+        """Restore a ``state_dict`` taken from a pruner of the same model."""
+        if state.get("num_units") != self.num_units or tuple(state["population"].shape) != \
+                (self.population_size, self.num_units):
+            raise ValueError(f"this checkpoint is for a population of shape {tuple(state['population'].shape)} "
+                             f"(D = {state.get('num_units')}), but this pruner has S = {self.population_size}, "
+                             f"D = {self.num_units}; load it into a pruner built on the same model and "
+                             f"population_size")
+        self.population = state["population"].to(self.device).bool()
+        energies = state["stored_energies"]
+        self.stored_energies = None if energies is None else energies.to(self.device)
+        self.best_state = state["best_state"].to(self.device).bool()
+        self.generator.set_state(state["generator"])
+        self.iteration = int(state["iteration"])
+        self.converged = bool(state["converged"])
+        self.convergence.unchanged = int(state["unchanged"])
+        self.seed = int(state["seed"])
+        self._keep_masks = None

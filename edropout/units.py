@@ -1,0 +1,313 @@
+"""Prunable unit groups of any ``nn.Module``: which channels share a bit, where masks apply, what each bit owns.
+
+A *unit* is one output channel of a Conv or one output feature of a Linear layer (the classifier's
+outputs excluded). Channels that must be removed together (joined by a residual add, a concat, a following
+BatchNorm, the next layer's inputs) share one bit, found with torch-pruning's dependency graph, so that
+every state can be removed physically. If tracing fails we fall back to one bit per layer channel and warn.
+"""
+from __future__ import annotations
+
+import warnings
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn as nn
+
+_CONV = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
+_NORM = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d)
+_PRODUCERS = _CONV + (nn.Linear,)
+# torch-pruning graph nodes that only route channels (no parameters, zero stays zero through them).
+_ROUTING_OPS = {"_ElementWiseOp", "_ConcatOp", "_SplitOp", "_ReshapeOp"}
+
+
+@dataclass
+class MaskPoint:
+    """A module whose output is multiplied by the keep-mask: ``index[c]`` is channel c's bit (D = never pruned)."""
+
+    module_name: str
+    channel_dim: int
+    index: torch.Tensor
+
+
+@dataclass
+class ParamAxes:
+    """How a trainable parameter's axes map to bits: ``axes[dim][position]`` is a bit index (D = never pruned)."""
+
+    name: str
+    shape: tuple
+    axes: dict = field(default_factory=dict)
+
+
+@dataclass
+class GroupRoot:
+    """One dependency group: the module whose output channels define it and the bits it owns, in order."""
+
+    module_name: str
+    first_bit: int
+    size: int
+    members: list
+
+
+@dataclass
+class PrunableUnits:
+    """Everything the engine needs to know about a model's prunable units, derived once from the model."""
+
+    num_units: int
+    mask_points: list
+    param_axes: list
+    groups: list
+    total_parameters: int
+    traced: bool
+    classifier: str
+
+    def extended(self, states: torch.Tensor) -> torch.Tensor:
+        """States [S, D] with a trailing always-kept column, so index D means 'never pruned'."""
+        ones = torch.ones(states.shape[0], 1, dtype=torch.bool, device=states.device)
+        return torch.cat([states.bool(), ones], dim=1)
+
+    def kept_parameters(self, states: torch.Tensor) -> torch.Tensor:
+        """Exact number of trainable parameters left when each state [S, D] is removed physically."""
+        states = states.reshape(-1, self.num_units)
+        ext = self.extended(states).to(torch.float64)
+        kept = torch.full((states.shape[0],), float(self.untouched_parameters), dtype=torch.float64,
+                          device=states.device)
+        for pa in self.param_axes:
+            count = torch.ones_like(kept)
+            rest = 1
+            for dim, size in enumerate(pa.shape):
+                if dim in pa.axes:
+                    count = count * ext[:, pa.axes[dim].to(states.device)].sum(dim=1)
+                else:
+                    rest *= size
+            kept = kept + count * rest
+        return kept.round().long()
+
+    @property
+    def untouched_parameters(self) -> int:
+        """Trainable parameters that no bit can remove."""
+        return self.total_parameters - sum(_numel(pa.shape) for pa in self.param_axes)
+
+    def pruning_rate(self, states: torch.Tensor) -> torch.Tensor:
+        """Share of trainable parameters removed by each state (0 = nothing removed)."""
+        return 1.0 - self.kept_parameters(states).double() / float(self.total_parameters)
+
+    @property
+    def unit_parameters(self) -> torch.Tensor:
+        """Parameters removed when only that unit is pruned (LongTensor[D]); interactions are not additive."""
+        full = torch.ones(1, self.num_units, dtype=torch.bool)
+        base = self.kept_parameters(full)[0]
+        singles = ~torch.eye(self.num_units, dtype=torch.bool)
+        return base - self.kept_parameters(singles)
+
+    def describe(self) -> str:
+        """One line per group: root module and number of bits, for logs and reports."""
+        return "\n".join(f"{g.module_name}: {g.size} units ({len(g.members)} coupled modules)" for g in self.groups)
+
+
+def _numel(shape) -> int:
+    n = 1
+    for s in shape:
+        n *= s
+    return n
+
+
+def _channel_dim(module: nn.Module) -> int:
+    return -1 if isinstance(module, nn.Linear) else 1
+
+
+def find_classifier(model: nn.Module, example_inputs) -> str:
+    """Name of the last Conv/Linear module run in a forward pass: its outputs are the logits, never pruned."""
+    order = []
+    hooks = [m.register_forward_hook(lambda mod, i, o, n=name: order.append(n))
+             for name, m in model.named_modules() if isinstance(m, _PRODUCERS)]
+    try:
+        with torch.no_grad():
+            _forward(model, example_inputs)
+    finally:
+        for h in hooks:
+            h.remove()
+    if not order:
+        raise ValueError("the model has no Conv or Linear layer, so it has no prunable units; EDropout prunes "
+                         "output channels of Conv1d/2d/3d and output features of Linear layers")
+    return order[-1]
+
+
+def model_outputs(model, example_inputs):
+    """The model's eval-mode output on ``example_inputs``, without gradients or state changes."""
+    with torch.no_grad():
+        return _forward(model, example_inputs)
+
+
+def _forward(model, example_inputs):
+    was_training = model.training
+    model.eval()
+    try:
+        if isinstance(example_inputs, (tuple, list)):
+            return model(*example_inputs)
+        return model(example_inputs)
+    finally:
+        model.train(was_training)
+
+
+def discover_units(model: nn.Module, example_inputs, ignored_layers=None) -> PrunableUnits:
+    """Find the prunable unit groups of ``model`` by tracing it on ``example_inputs``.
+
+    ``ignored_layers`` (modules or names) keep their outputs; the classifier (last Conv/Linear run) always does.
+    """
+    names = {m: n for n, m in model.named_modules()}
+    by_name = dict(model.named_modules())
+    classifier = find_classifier(model, example_inputs)
+    ignored = {classifier}
+    for layer in ignored_layers or []:
+        name = layer if isinstance(layer, str) else names.get(layer)
+        if name not in by_name:
+            raise ValueError(f"ignored layer {layer!r} is not a module of this model; pass modules of the model "
+                             f"or names from model.named_modules()")
+        ignored.add(name)
+    total = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    try:
+        groups = _traced_groups(model, example_inputs, ignored, names)
+        traced = True
+    except Exception as exc:  # tracing user models can fail in many ways; the fallback is documented
+        warnings.warn(f"dependency tracing failed ({type(exc).__name__}: {exc}); falling back to one bit per "
+                      f"layer channel. Coupled channels (residual adds, concats) are then not removed together and "
+                      f"export() is unavailable.", RuntimeWarning, stacklevel=3)
+        groups = _per_layer_groups(model, example_inputs, ignored, names)
+        traced = False
+    if not groups:
+        raise ValueError("the model has no prunable units: every Conv/Linear output is the classifier, ignored, or "
+                         "coupled to an ignored layer; pass fewer ignored_layers or a model with hidden layers")
+    return _assemble(model, groups, total, traced, classifier)
+
+
+def _traced_groups(model, example_inputs, ignored, names):
+    """Groups from torch-pruning's dependency graph, as lists of (module_name, handler, positions, root_idxs)."""
+    import torch_pruning as tp
+
+    was_training = model.training
+    model.eval()
+    try:
+        graph = tp.DependencyGraph().build_dependency(model, example_inputs=example_inputs)
+    finally:
+        model.train(was_training)
+    ignored_modules = [m for m, n in names.items() if n in ignored]
+    result = []
+    for group in graph.get_all_groups(ignored_layers=ignored_modules, root_module_types=list(_PRODUCERS)):
+        members, reason = [], None
+        for item in group.items:
+            module = item.dep.target.module
+            handler = item.dep.handler.__name__
+            kind = type(module).__name__
+            if kind in _ROUTING_OPS:
+                continue
+            if not isinstance(module, _PRODUCERS + _NORM):
+                reason = f"it couples a {kind}"
+                break
+            if isinstance(module, _CONV) and module.groups not in (1, module.in_channels):
+                reason = f"it couples grouped convolution {names[module]}"
+                break
+            role = "out" if "out" in handler else "in"
+            members.append((names[module], role, list(map(int, item.idxs)), list(map(int, item.root_idxs))))
+        if reason is not None:
+            warnings.warn(f"group rooted at {names[group.items[0].dep.target.module]} is not prunable: {reason}, "
+                          f"which EDropout cannot mask exactly", RuntimeWarning, stacklevel=4)
+            continue
+        result.append((members, _redundant_masks(graph, group, names)))
+    return result
+
+
+def _redundant_masks(graph, group, names):
+    """Producers whose every consumer is a BatchNorm of the same group: masking after that BatchNorm suffices,
+    and leaving the producer unmasked keeps the BatchNorm's running statistics true for revived channels."""
+    norms = {item.dep.target.module for item in group.items if isinstance(item.dep.target.module, _NORM)}
+    redundant = set()
+    for item in group.items:
+        module = item.dep.target.module
+        if isinstance(module, _PRODUCERS) and module in graph.module2node:
+            outputs = graph.module2node[module].outputs
+            if outputs and all(o.module in norms for o in outputs):
+                redundant.add(names[module])
+    return redundant
+
+
+def _per_layer_groups(model, example_inputs, ignored, names):
+    """Fallback: one bit per output channel of each Conv/Linear; a BatchNorm fed directly by it is masked instead."""
+    produced, follows = {}, {}
+
+    def remember(mod, inp, out):
+        produced[id(out)] = names[mod]
+
+    def pair(mod, inp):
+        src = produced.get(id(inp[0]))
+        if src is not None:
+            follows[src] = names[mod]
+
+    hooks = [m.register_forward_hook(remember) for m in names if isinstance(m, _PRODUCERS)]
+    hooks += [m.register_forward_pre_hook(pair) for m in names if isinstance(m, _NORM)]
+    try:
+        with torch.no_grad():
+            _forward(model, example_inputs)
+    finally:
+        for h in hooks:
+            h.remove()
+    result = []
+    for module, name in names.items():
+        if not isinstance(module, _PRODUCERS) or name in ignored:
+            continue
+        if isinstance(module, _CONV) and module.groups != 1:
+            continue
+        width = module.out_features if isinstance(module, nn.Linear) else module.out_channels
+        members = [(name, "out", list(range(width)), list(range(width)))]
+        redundant = set()
+        if name in follows:
+            members.append((follows[name], "out", list(range(width)), list(range(width))))
+            redundant.add(name)
+        result.append((members, redundant))
+    return result
+
+
+def _assemble(model, groups, total, traced, classifier) -> PrunableUnits:
+    """Turn per-group channel maps into bit indices for mask points and parameter axes."""
+    modules = dict(model.named_modules())
+    sizes = [1 + max(r for _, _, _, roots in members for r in roots) for members, _ in groups]
+    num_units = sum(sizes)
+    masks, axes, roots = {}, {}, []
+    first = 0
+    for (members, redundant), size in zip(groups, sizes):
+        roots.append(GroupRoot(members[0][0], first, size, sorted({m[0] for m in members})))
+        for name, role, positions, root_idxs in members:
+            module = modules[name]
+            bits = [first + r for r in root_idxs]
+            if role == "out" and name not in redundant:
+                width = _width(module, "out")
+                point = masks.setdefault(name, MaskPoint(name, _channel_dim(module),
+                                                         torch.full((width,), num_units, dtype=torch.long)))
+                point.index[positions] = torch.tensor(bits)
+            for pname, dim in _param_dims(module, role):
+                param = getattr(module, pname)
+                if param is None or not param.requires_grad:
+                    continue
+                full = f"{name}.{pname}" if name else pname
+                pa = axes.setdefault(full, ParamAxes(full, tuple(param.shape)))
+                index = pa.axes.setdefault(dim, torch.full((param.shape[dim],), num_units, dtype=torch.long))
+                index[positions] = torch.tensor(bits)
+        first += size
+    return PrunableUnits(num_units, list(masks.values()), list(axes.values()), roots, total, traced, classifier)
+
+
+def _width(module, role):
+    if isinstance(module, nn.Linear):
+        return module.out_features if role == "out" else module.in_features
+    if isinstance(module, _NORM):
+        return module.num_features
+    return module.out_channels if role == "out" else module.in_channels
+
+
+def _param_dims(module, role):
+    """(parameter name, axis) pairs that a channel of this module's output ("out") or input ("in") owns."""
+    if isinstance(module, _NORM):
+        return [("weight", 0), ("bias", 0)]
+    depthwise = isinstance(module, _CONV) and module.groups > 1
+    if role == "out" or depthwise:
+        return [("weight", 0), ("bias", 0)]
+    return [("weight", 1)]
