@@ -1,0 +1,99 @@
+"""Evaluation (Top-1/Top-5) and the EDropout training loop of the main job, with atomic checkpoints and resume."""
+from __future__ import annotations
+
+import contextlib
+import os
+import time
+
+import torch
+
+from .checkpoint import atomic_save
+from .data import batches
+
+
+@torch.no_grad()
+def evaluate(model, x, y, batch_size=512, context=None):
+    """Top-1 and Top-5 accuracy (%) of ``model`` in eval mode, inside ``context`` (e.g. a pruning state)."""
+    was_training = model.training
+    model.eval()
+    top1 = top5 = 0
+    device = next(model.parameters()).device
+    try:
+        with context or contextlib.nullcontext():
+            for start in range(0, len(y), batch_size):
+                xb, yb = x[start:start + batch_size].to(device), y[start:start + batch_size].to(device)
+                logits = model(xb)
+                top = logits.topk(min(5, logits.shape[-1]), dim=1).indices
+                top1 += (top[:, 0] == yb).sum().item()
+                top5 += (top == yb[:, None]).any(dim=1).sum().item()
+    finally:
+        model.train(was_training)
+    return 100.0 * top1 / len(y), 100.0 * top5 / len(y)
+
+
+def make_optimizer(name: str, params, lr=None, weight_decay=1e-5):
+    """The official EDropout optimizer (Adadelta lr 1.0, rho 0.9, eps 1e-6) or SGD/Adam."""
+    if name == "adadelta":
+        return torch.optim.Adadelta(params, lr=lr or 1.0, rho=0.9, eps=1e-6, weight_decay=weight_decay)
+    if name == "sgd":
+        return torch.optim.SGD(params, lr=lr or 0.05, momentum=0.9, weight_decay=weight_decay)
+    if name == "adam":
+        return torch.optim.Adam(params, lr=lr or 1e-3, weight_decay=weight_decay)
+    raise ValueError(f"unknown optimizer {name!r}: use adadelta, sgd or adam")
+
+
+class Run:
+    """The state of one EDropout training run; checkpointed atomically after every epoch."""
+
+    def __init__(self, model, pruner, optimizer, scheduler, data, batch_size, seed, out_dir):
+        self.model, self.pruner, self.optimizer, self.scheduler = model, pruner, optimizer, scheduler
+        self.data, self.batch_size, self.out_dir = data, batch_size, out_dir
+        self.generator = torch.Generator().manual_seed(seed)
+        self.epoch = 0
+        self.history = []
+        self.epoch_seconds = []
+        self.converged_at = None
+
+    @property
+    def checkpoint_path(self):
+        return os.path.join(self.out_dir, "checkpoint.pt")
+
+    def save(self):
+        atomic_save({"model": self.model.state_dict(), "optimizer": self.optimizer.state_dict(),
+                     "scheduler": self.scheduler.state_dict(), "pruner": self.pruner.state_dict(),
+                     "generator": self.generator.get_state(), "epoch": self.epoch, "history": self.history,
+                     "epoch_seconds": self.epoch_seconds, "converged_at": self.converged_at},
+                    self.checkpoint_path)
+
+    def resume(self) -> bool:
+        """Continue from ``checkpoint.pt`` in the output directory if there is one."""
+        if not os.path.exists(self.checkpoint_path):
+            return False
+        saved = torch.load(self.checkpoint_path, map_location="cpu", weights_only=False)
+        self.model.load_state_dict(saved["model"])
+        self.optimizer.load_state_dict(saved["optimizer"])
+        self.scheduler.load_state_dict(saved["scheduler"])
+        self.pruner.load_state_dict(saved["pruner"])
+        self.generator.set_state(saved["generator"])
+        self.epoch, self.history = saved["epoch"], saved["history"]
+        self.epoch_seconds, self.converged_at = saved["epoch_seconds"], saved["converged_at"]
+        return True
+
+    def train_epoch(self, progress=None):
+        """One pass over the training set; each iteration is one ``pruner.step``."""
+        device = next(self.model.parameters()).device
+        start = time.perf_counter()
+        for xb, yb in batches(self.data.train_x, self.data.train_y, self.batch_size, self.generator):
+            info = self.pruner.step(xb.to(device), yb.to(device), self.optimizer)
+            self.history.append({"iteration": info.iteration, "loss": info.loss, "best_energy": info.best_energy,
+                                 "mean_energy": info.mean_energy, "pruning_rate": info.pruning_rate})
+            if info.converged and self.converged_at is None:
+                self.converged_at = info.iteration
+            if progress is not None:
+                progress.update(1)
+                progress.set_postfix(epoch=self.epoch + 1, energy=f"{info.best_energy:.3f}",
+                                     pruned=f"{100 * info.pruning_rate:.1f}%", loss=f"{info.loss:.3f}")
+        self.scheduler.step()
+        self.epoch += 1
+        self.epoch_seconds.append(time.perf_counter() - start)
+        self.save()

@@ -1,0 +1,79 @@
+"""Argument checks and launch helpers shared by the population kernels' wrappers.
+
+Kept apart from the kernels so that each wrapper fails early with a clear message (which the
+engine's "triton" backend turns into a PyTorch fallback) instead of inside Triton's compiler.
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+
+INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
+FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+
+
+def check_device(*tensors: torch.Tensor | None) -> None:
+    """Raise ValueError unless all tensors share one device Triton can run on."""
+    devices = {t.device for t in tensors if t is not None}
+    if len(devices) != 1:
+        raise ValueError(f"all tensors must be on one device, got {sorted(map(str, devices))}")
+    (device,) = devices
+    if device.type == "cpu" and not INTERPRET:
+        raise ValueError("CPU tensors need Triton's interpreter: set TRITON_INTERPRET=1 before "
+                         "importing edropout_kernels, or pass CUDA tensors")
+    if device.type not in ("cpu", "cuda"):
+        raise ValueError(f"unsupported device {device}")
+
+
+def check_float(name: str, t: torch.Tensor) -> None:
+    """Raise ValueError unless ``t`` is float32, float16 or bfloat16."""
+    if t.dtype not in FLOAT_DTYPES:
+        raise ValueError(f"{name} must be float32, float16 or bfloat16, got {t.dtype}")
+
+
+def check_keep(name: str, keep: torch.Tensor, members: int, channels: int) -> torch.Tensor:
+    """Validate a keep-mask of shape [members, channels] and return it as bool."""
+    if tuple(keep.shape) != (members, channels):
+        raise ValueError(f"{name} must have shape {(members, channels)}, got {tuple(keep.shape)}")
+    return keep.to(torch.bool)
+
+
+def check_vector(name: str, v: torch.Tensor | None, n: int) -> torch.Tensor | None:
+    """Validate an optional per-channel vector of length n; return it contiguous in float32."""
+    if v is None:
+        return None
+    if v.dim() != 1 or v.shape[0] != n:
+        raise ValueError(f"{name} must have shape [{n}], got {tuple(v.shape)}")
+    return v.contiguous().to(torch.float32)
+
+
+def split_rows(rows: int, members: int) -> int:
+    """Rows per member of a member-major batch of ``rows`` rows; raise if it does not divide."""
+    if members < 1 or rows % members != 0:
+        raise ValueError(f"{rows} rows cannot be split into {members} members of equal size")
+    return rows // members
+
+
+def dot_precision(dtype: torch.dtype, allow_tf32: bool) -> str:
+    """The ``tl.dot`` input precision: exact fp32 ("ieee") unless the caller allows tf32."""
+    return "tf32" if (allow_tf32 and dtype == torch.float32 and not INTERPRET) else "ieee"
+
+
+def pow2_between(n: int, lo: int, hi: int) -> int:
+    """Next power of two >= n, clamped to [lo, hi]."""
+    p = 1
+    while p < n:
+        p *= 2
+    return max(lo, min(hi, p))
+
+
+def prepare_out(out: torch.Tensor | None, shape: tuple[int, ...], like: torch.Tensor) -> torch.Tensor:
+    """Return ``out`` after checking it, or a new uninitialised tensor (every element is written)."""
+    if out is None:
+        return torch.empty(shape, device=like.device, dtype=like.dtype)
+    if tuple(out.shape) != tuple(shape) or out.dtype != like.dtype or out.device != like.device:
+        raise ValueError(f"out must be {like.dtype} {tuple(shape)} on {like.device}, "
+                         f"got {out.dtype} {tuple(out.shape)} on {out.device}")
+    return out
