@@ -1,0 +1,27 @@
+"""Ways to score a population, behind one ``backend=`` argument; every backend returns the same energies
+(to float tolerance) for the same states. Each backend module exposes
+``score(model, units, states, x, y, energy_fn, batch_statistics, max_members) -> Tensor[S]``.
+"""
+from __future__ import annotations
+
+import torch
+
+from . import batched, reference
+
+SCORERS = {"reference": reference.score, "batched": batched.score}
+BACKENDS = tuple(SCORERS) + ("auto",)
+
+
+def resolve_backend(name: str, device: torch.device) -> str:
+    """Validate a backend name and resolve ``auto`` for the device."""
+    if name == "triton" and "triton" not in SCORERS:
+        raise ValueError("backend='triton' is not available yet (it comes with the Triton kernels); "
+                         "use 'batched' or 'reference'")
+    if name not in BACKENDS:
+        raise ValueError(f"unknown backend {name!r}: use one of {BACKENDS}")
+    return "batched" if name == "auto" else name
+
+
+def score(backend, model, units, states, x, y, energy_fn, batch_statistics=True, max_members=None):
+    """Energies [S] of ``states`` on the batch, with the resolved backend."""
+    return SCORERS[backend](model, units, states, x, y, energy_fn, batch_statistics, max_members)
