@@ -7,7 +7,7 @@ import torch.nn as nn
 
 from edropout import EDropout
 from edropout.masking import scoring
-from conftest import NETS, randomise_bn, small_net
+from nets import NETS, randomise_bn, small_net
 
 
 def _states(pruner, seed=3):

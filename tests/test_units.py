@@ -4,7 +4,7 @@ import torch
 import torch.nn as nn
 
 from edropout import EDropout, discover_units
-from conftest import NETS, randomise_bn, small_net
+from nets import NETS, randomise_bn, small_net
 
 
 def _random_states(n, d, seed=0):

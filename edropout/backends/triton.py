@@ -1,0 +1,406 @@
+"""The triton backend: the whole population in one S·B forward whose heavy layers compute only kept channels.
+
+Same energies as the reference backend (to float tolerance), but every supported ``nn.Conv2d`` (groups 1,
+dilation 1, zero padding) and ``nn.Linear`` runs as one grouped Triton launch over all members
+(``edropout_kernels.population_conv2d`` / ``population_linear``) that reads only the member's kept input
+channels and writes only its kept output channels, so its work scales with k_in·k_out of the dense layer.
+BatchNorm uses per-member statistics (``population_batchnorm``) or, in eval-mode scoring, is folded into the
+epilogue of the conv/linear that alone feeds it; margin and cross-entropy energies come from one fused kernel.
+Everything else (pooling, activations, Conv1d/3d, grouped or dilated convs) runs as ordinary PyTorch ops on the
+S·B batch, with the usual mask hooks.
+
+Two facts cannot be read off ``PrunableUnits`` and are established once per model by a probe (section 2):
+which layers really see exact zeros in pruned input channels (not so after e.g. a sigmoid: then the layer
+reads all its inputs), and which conv/linear feeds exactly one BatchNorm (fold candidates). The probe then
+checks the routed forward against the reference on a few rows and raises if they differ (e.g. a model that
+mixes rows of the batch), so this backend answers like the reference or raises; it never answers differently.
+"""
+from __future__ import annotations
+
+import contextlib
+import weakref
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn as nn
+
+from ..energy import cross_entropy_energy, margin_energy, member_energies
+from ..masking import _mask_hook, _member_batch_norm, scoring
+from ..units import _NORM, PrunableUnits
+
+_FLOAT = (torch.float32, torch.float16, torch.bfloat16)
+_PROBE_ROWS = 4          # rows of the caller's batch used by the probe
+_SELF_CHECK_RTOL = 1e-3  # relative L2 error allowed between routed and reference logits (exact-fp32 probe)
+
+
+# ----- 1. kernels and device --------------------------------------------------------------------------------
+def _kernels(device: torch.device):
+    """``edropout_kernels``, imported on first use (so ``import edropout`` never needs Triton), after checking
+    that its kernels can run on ``device``."""
+    try:
+        import edropout_kernels as ek
+        from edropout_kernels._checks import INTERPRET
+    except ImportError as exc:
+        raise RuntimeError(f"backend='triton' needs the triton package ({exc}); install triton or use "
+                           f"backend='batched'") from exc
+    if device.type == "cpu" and not INTERPRET:
+        raise RuntimeError("backend='triton' runs on CUDA tensors; on CPU it needs Triton's interpreter, i.e. "
+                           "TRITON_INTERPRET=1 set before edropout_kernels is imported (slow, for tests). "
+                           "Use backend='batched' on CPU")
+    if device.type not in ("cpu", "cuda"):
+        raise RuntimeError(f"backend='triton' supports CUDA devices only, got {device}; use backend='batched'")
+    return ek
+
+
+def _allow_tf32(kind: str) -> bool:
+    """Mirror PyTorch's own switches: convs follow cuDNN's TF32 flag, linears the float32 matmul precision."""
+    if kind == "conv2d":
+        return bool(torch.backends.cudnn.allow_tf32)
+    return torch.get_float32_matmul_precision() != "highest"
+
+
+def _compute_dtype(x: torch.Tensor) -> torch.dtype:
+    """The dtype PyTorch's conv/linear would compute in: the autocast dtype when autocast is on."""
+    if x.dtype in _FLOAT and torch.is_autocast_enabled(x.device.type):
+        return torch.get_autocast_dtype(x.device.type)
+    return x.dtype
+
+
+# ----- 2. which modules go to kernels, and the probe ---------------------------------------------------------
+def _conv_padding(conv: nn.Conv2d):
+    """Zero padding as a pair of ints, or None when the kernel cannot express it (even 'same' kernels)."""
+    if isinstance(conv.padding, str):
+        if conv.padding == "valid":
+            return 0, 0
+        if all(k % 2 for k in conv.kernel_size):
+            return tuple((k - 1) // 2 for k in conv.kernel_size)
+        return None
+    return tuple(conv.padding)
+
+
+def _kind(module: nn.Module):
+    """"conv2d" or "linear" when the module's forward is the stock one and a kernel computes it, else None."""
+    if isinstance(module, nn.Linear) and type(module).forward is nn.Linear.forward:
+        return "linear"
+    if (isinstance(module, nn.Conv2d) and type(module).forward is nn.Conv2d.forward and module.groups == 1
+            and tuple(module.dilation) == (1, 1) and module.padding_mode == "zeros"
+            and _conv_padding(module) is not None):
+        return "conv2d"
+    return None
+
+
+def _weight_axes(units: PrunableUnits, name: str) -> dict:
+    prefix = f"{name}." if name else ""
+    for pa in units.param_axes:
+        if pa.name == f"{prefix}weight":
+            return pa.axes
+    return {}
+
+
+@dataclass
+class _Plan:
+    """What the probe established about one (model, units): per routed layer, whether its pruned input channels
+    are exactly zero (``skip_inputs``); eval-mode BatchNorm folds (``folds``: producer -> BatchNorm); the
+    scoring modes whose routed forward was checked against the reference (``checked``)."""
+
+    units: PrunableUnits
+    signature: tuple
+    skip_inputs: set
+    folds: dict
+    checked: set = field(default_factory=set)
+    index_cache: dict = field(default_factory=dict)
+
+    def index(self, key, index: torch.Tensor, device) -> torch.Tensor:
+        """Bit-index tensors copied to ``device`` once, not on every call."""
+        cached = self.index_cache.get((key, device))
+        if cached is None:
+            cached = self.index_cache[(key, device)] = index.to(device)
+        return cached
+
+
+_PLANS: "weakref.WeakKeyDictionary[nn.Module, _Plan]" = weakref.WeakKeyDictionary()
+
+
+def _signature(model: nn.Module) -> tuple:
+    return tuple((name, id(m)) for name, m in model.named_modules())
+
+
+def _probe_states(units: PrunableUnits, device) -> torch.Tensor:
+    """Two complementary random states: every bit is pruned in exactly one of them."""
+    half = torch.rand(units.num_units, generator=torch.Generator().manual_seed(0)) < 0.5
+    return torch.stack([half, ~half]).to(device)
+
+
+def _pruned_inputs_zero(inputs: torch.Tensor, kind: str, keep: torch.Tensor) -> bool:
+    """True when every input channel that ``keep`` [S, C] marks pruned holds exact zeros in that member's rows."""
+    members, channels = keep.shape
+    if inputs.shape[0] % members or inputs.dim() < 2:
+        return False
+    if kind == "linear":
+        peak = inputs.reshape(members, -1, channels).abs().amax(dim=1)
+    else:
+        peak = inputs.reshape(members, inputs.shape[0] // members, channels, -1).abs().amax(dim=(1, 3))
+    return bool((peak[~keep] == 0).all())
+
+
+def _build_plan(model: nn.Module, units: PrunableUnits, probe_x: torch.Tensor) -> _Plan:
+    """Run the reference masked forward on two complementary states and record, for every routed layer,
+    whether its pruned inputs are exact zeros and which single module consumes its output."""
+    states = _probe_states(units, probe_x.device)
+    ext = units.extended(states)
+    modules = dict(model.named_modules())
+    routed = {n: _kind(m) for n, m in modules.items() if _kind(m)}
+    zero_ok = {n: bool(_weight_axes(units, n).get(1) is not None) for n in routed}
+    calls, produced, consumers, alive = {}, {}, {}, []
+
+    def check_inputs(name):
+        def hook(module, inputs):
+            axes1 = _weight_axes(units, name).get(1)
+            if axes1 is not None and zero_ok[name]:
+                keep = ext[:, axes1.to(ext.device)]
+                zero_ok[name] = _pruned_inputs_zero(inputs[0], routed[name], keep)
+        return hook
+
+    def remember_output(name):
+        def hook(module, inputs, output):
+            calls[name] = calls.get(name, 0) + 1
+            produced[id(output)] = name
+            alive.append(output)  # keeps ids unique while the probe runs
+        return hook
+
+    def note_consumer(name):
+        def hook(module, inputs):
+            for t in inputs:
+                if torch.is_tensor(t) and id(t) in produced:
+                    consumers.setdefault(produced[id(t)], []).append(name)
+        return hook
+
+    handles = []
+    xs = probe_x.repeat((2,) + (1,) * (probe_x.dim() - 1))
+    try:
+        with scoring(model, units, states, batch_statistics=True):
+            # registered inside the context, so they run after the mask hooks and see the masked outputs
+            for name in routed:
+                handles.append(modules[name].register_forward_pre_hook(check_inputs(name)))
+                handles.append(modules[name].register_forward_hook(remember_output(name)))
+            for name, m in modules.items():
+                if next(m.children(), None) is None:
+                    handles.append(m.register_forward_pre_hook(note_consumer(name)))
+            model(xs)
+    except Exception as exc:
+        raise RuntimeError(f"backend='triton' scores all members in one batch of S·B member-major rows, and this "
+                           f"model failed on such a batch ({type(exc).__name__}: {exc}); use "
+                           f"backend='reference'") from exc
+    finally:
+        for h in handles:
+            h.remove()
+    masked = {p.module_name for p in units.mask_points}
+    folds = {}
+    for name, kind in routed.items():
+        users = consumers.get(name, [])
+        bn = modules[users[0]] if len(users) == 1 else None
+        # A redundant producer (traced, unmasked, owning output bits) feeds only BatchNorms of its own group;
+        # with exactly one such consumer module and one call, its output is that BatchNorm's input alone.
+        if (units.traced and calls.get(name) == 1 and bn is not None and name not in masked
+                and _weight_axes(units, name).get(0) is not None
+                and isinstance(bn, nn.BatchNorm2d if kind == "conv2d" else nn.BatchNorm1d)):
+            folds[name] = users[0]
+    return _Plan(units, _signature(model), {n for n, ok in zero_ok.items() if ok}, folds)
+
+
+@contextlib.contextmanager
+def _exact_fp32(device):
+    """Exact float32 in PyTorch (no TF32, no autocast) for the self-check."""
+    cudnn, precision = torch.backends.cudnn.allow_tf32, torch.get_float32_matmul_precision()
+    torch.backends.cudnn.allow_tf32 = False
+    torch.set_float32_matmul_precision("highest")
+    try:
+        with torch.autocast(device.type, enabled=False):
+            yield
+    finally:
+        torch.backends.cudnn.allow_tf32 = cudnn
+        torch.set_float32_matmul_precision(precision)
+
+
+def _self_check(model, units, plan, probe_x, batch_statistics, ek) -> None:
+    """Routed logits must equal the reference's (one forward per state) on the probe rows, else raise."""
+    states = _probe_states(units, probe_x.device)
+    with _exact_fp32(probe_x.device):
+        ref = []
+        for state in states:
+            with scoring(model, units, state[None], batch_statistics):
+                ref.append(model(probe_x))
+        ref = torch.cat(ref).float()
+        xs = probe_x.repeat((2,) + (1,) * (probe_x.dim() - 1))
+        with _routed(model, units, states, batch_statistics, plan, ek):
+            got = model(xs).float()
+    finite = torch.isfinite(ref)
+    bad = got.shape != ref.shape or not torch.equal(finite, torch.isfinite(got))
+    if not bad:
+        error = (got[finite] - ref[finite]).norm() / ref[finite].norm().clamp_min(1e-12)
+        bad = bool(error > _SELF_CHECK_RTOL)
+    if bad:
+        raise RuntimeError("backend='triton' gives different outputs than backend='reference' for this model "
+                           "(checked once on a few rows of the first batch). The usual cause is a model that "
+                           "mixes rows of a batch (e.g. statistics over the batch outside BatchNorm), which a "
+                           "one-batch population cannot score; use backend='reference'")
+
+
+def _plan_for(model, units, x, batch_statistics, ek) -> _Plan:
+    """The model's plan, built and self-checked on first use of each scoring mode, then cached."""
+    plan = _PLANS.get(model)
+    if plan is None or plan.units is not units or plan.signature != _signature(model):
+        plan = _PLANS[model] = _build_plan(model, units, x[:_PROBE_ROWS])
+    if batch_statistics not in plan.checked:
+        _self_check(model, units, plan, x[:_PROBE_ROWS], batch_statistics, ek)
+        plan.checked.add(batch_statistics)
+    return plan
+
+
+# ----- 3. the routed forward ------------------------------------------------------------------------------------
+def _kernel_ready(x: torch.Tensor, members: int, dims) -> bool:
+    return x.dtype in _FLOAT and x.dim() in dims and x.shape[0] % members == 0
+
+
+def _bn_scale_shift(bn):
+    """Eval-mode BatchNorm as a per-channel scale and shift (float32)."""
+    scale = torch.rsqrt(bn.running_var.float() + bn.eps)
+    if bn.weight is not None:
+        scale = scale * bn.weight.float()
+    shift = -bn.running_mean.float() * scale
+    if bn.bias is not None:
+        shift = shift + bn.bias.float()
+    return scale, shift
+
+
+def _producer_forward(module, name, kind, ctx):
+    """Forward of a Conv2d/Linear on the S·B batch: the population kernel on kept channels, exact zeros in pruned
+    output channels; the stock forward (plus the mask) when the input does not suit the kernel."""
+    members, plan, units, ext = ctx["members"], ctx["plan"], ctx["units"], ctx["ext"]
+    axes = _weight_axes(units, name)
+    mask = ctx["masks"].get(name)
+    ones_in = torch.ones(members, module.weight.shape[1], dtype=torch.bool, device=ext.device)
+    in_keep = ones_in
+    if name in plan.skip_inputs:
+        in_keep = ext[:, plan.index(("in", name), axes[1], ext.device)]
+    if mask is not None:
+        out_keep = mask
+    elif units.traced and axes.get(0) is not None:  # redundant producer: its BatchNorm masks these channels
+        out_keep = ext[:, plan.index(("out", name), axes[0], ext.device)]
+    else:
+        out_keep = torch.ones(members, module.weight.shape[0], dtype=torch.bool, device=ext.device)
+    bn_name = plan.folds.get(name) if not ctx["batch_statistics"] else None
+    bn = ctx["modules"][bn_name] if bn_name is not None else None
+    if bn is not None and bn.running_mean is None:
+        bn = None
+    base = type(module).forward
+
+    def forward(x):
+        dtype = _compute_dtype(x)
+        if not _kernel_ready(x, members, (4,) if kind == "conv2d" else (2, 3, 4, 5)):
+            out = base(module, x)
+            return out if mask is None else _mask_hook(mask, -1 if kind == "linear" else 1)(module, (x,), out)
+        fold = bn is not None and (kind == "conv2d" or x.dim() == 2)
+        scale, shift = _bn_scale_shift(bn) if fold else (None, None)
+        keep = ctx["masks"].get(bn_name, torch.ones_like(out_keep)) if fold else out_keep
+        if kind == "conv2d":
+            out = ctx["ek"].population_conv2d(
+                x.to(dtype), module.weight, module.bias, in_keep, keep, members=members, stride=module.stride,
+                padding=_conv_padding(module), scale=scale, shift=shift, allow_tf32=ctx["tf32"]("conv2d"))
+        else:
+            flat = x.to(dtype).reshape(-1, x.shape[-1])
+            out = ctx["ek"].population_linear(
+                flat, module.weight, module.bias, in_keep, keep, members=members, scale=scale, shift=shift,
+                allow_tf32=ctx["tf32"]("linear")).reshape(*x.shape[:-1], -1)
+        if fold:
+            ctx["folded"][bn_name] = out
+        return out
+
+    return forward
+
+
+def _norm_forward(module, name, ctx):
+    """Forward of a BatchNorm on the S·B batch, as the reference computes it while scoring: per-member batch
+    statistics (kernel), or running statistics in eval-mode scoring (folded upstream when possible), masked."""
+    members, mask = ctx["members"], ctx["masks"].get(name)
+    per_member = ctx["batch_statistics"] or module.running_mean is None
+    fallback = _member_batch_norm(module, members)
+
+    def masked(x, out):
+        return out if mask is None else _mask_hook(mask, 1)(module, (x,), out)
+
+    def forward(x):
+        if ctx["folded"].get(name) is x:  # the producer already applied this BatchNorm and its mask
+            return ctx["folded"].pop(name)
+        if not per_member:
+            scale, shift = _bn_scale_shift(module)
+            shape = (1, -1) + (1,) * (x.dim() - 2)
+            return masked(x, (x.float() * scale.view(shape) + shift.view(shape)).to(x.dtype))
+        if not _kernel_ready(x, members, (2, 3, 4, 5)):
+            return masked(x, fallback(x))
+        y = x if x.dim() in (2, 4) else x.reshape(x.shape[0], x.shape[1], -1, 1)
+        out = ctx["ek"].population_batchnorm(y, members, module.weight, module.bias, module.eps, out_keep=mask)
+        return out.reshape(x.shape)
+
+    return forward
+
+
+@contextlib.contextmanager
+def _routed(model, units, states, batch_statistics, plan, ek):
+    """Within the block, ``model`` scores ``states`` [S, D] on member-major S·B rows through the kernels, like
+    ``edropout.masking.scoring`` does through PyTorch; the model is restored on exit."""
+    ext = units.extended(states.reshape(-1, units.num_units))
+    masks = {p.module_name: ext[:, plan.index(("mask", p.module_name), p.index, ext.device)]
+             for p in units.mask_points}
+    modules = dict(model.named_modules())
+    ctx = {"members": ext.shape[0], "plan": plan, "units": units, "ext": ext, "masks": masks, "modules": modules,
+           "batch_statistics": batch_statistics, "ek": ek, "tf32": _allow_tf32, "folded": {}}
+    modes = {m: m.training for m in model.modules()}
+    patched, handles = {}, []
+    model.eval()
+    try:
+        for name, m in modules.items():
+            kind = _kind(m)
+            if kind or isinstance(m, _NORM):
+                patched[m] = vars(m).get("forward")
+                m.forward = _producer_forward(m, name, kind, ctx) if kind else _norm_forward(m, name, ctx)
+            elif name in masks:
+                channel_dim = next(p.channel_dim for p in units.mask_points if p.module_name == name)
+                handles.append(m.register_forward_hook(_mask_hook(masks[name], channel_dim)))
+        with torch.no_grad():
+            yield
+    finally:
+        for h in handles:
+            h.remove()
+        for m, previous in patched.items():
+            if previous is None:
+                del m.forward
+            else:
+                m.forward = previous
+        for m, mode in modes.items():
+            m.training = mode
+
+
+# ----- 4. energies and the entry point --------------------------------------------------------------------------
+def _energies(ek, energy_fn, logits, y, members) -> torch.Tensor:
+    """Member energies [S]: margin / cross-entropy in one fused kernel, any other callable in PyTorch."""
+    fused = energy_fn is margin_energy or energy_fn is cross_entropy_energy
+    if fused and logits.dim() == 2 and logits.dtype in _FLOAT and logits.shape[0] == members * y.shape[0]:
+        margin, ce = ek.population_energies(logits, y, members)
+        return margin if energy_fn is margin_energy else ce
+    return member_energies(energy_fn, logits, y.repeat(members), members)
+
+
+def score(model, units, states, x, y, energy_fn, batch_statistics=True, max_members=None):
+    """Energies [S]: the population in routed forwards of up to ``max_members`` members (all at once by default)."""
+    ek = _kernels(x.device)
+    plan = _plan_for(model, units, x, batch_statistics, ek)
+    chunk = max_members or states.shape[0]
+    out = []
+    for start in range(0, states.shape[0], chunk):
+        part = states[start:start + chunk]
+        members = part.shape[0]
+        xs = x.repeat((members,) + (1,) * (x.dim() - 1))
+        with _routed(model, units, part, batch_statistics, plan, ek):
+            out.append(_energies(ek, energy_fn, model(xs), y, members))
+    return torch.cat(out)

@@ -1,0 +1,83 @@
+"""The main job end to end on a tiny configuration, resume, the pruned-model file, and the data loaders."""
+import gzip
+import json
+import os
+
+import numpy as np
+import pytest
+import torch
+
+from edropout.checkpoint import load_pruned_model
+from edropout.cli import main
+from edropout.data import load_dataset, load_fashion_mnist
+from edropout.models import build_model
+from edropout.training import evaluate
+
+TINY = ["prune", "--model", "lenet", "--width", "4", "--batch-size", "32", "--limit", "256",
+        "--population-size", "4", "--min-iterations", "4", "--patience", "2", "--no-progress"]
+
+
+def test_cli_runs_end_to_end(tmp_path):
+    out = tmp_path / "run"
+    assert main(TINY + ["--epochs", "2", "--out", str(out)]) == 0
+    report = json.loads((out / "report.json").read_text())
+    for name in ("energy.png", "pruning.png", "pruned_model.pt", "checkpoint.pt", "history.json"):
+        assert (out / name).stat().st_size > 0, name
+    assert report["iterations"] == 2 * (256 // 32)
+    assert 0 < report["percent_removed"] < 100
+    assert report["R_percent_kept"] == pytest.approx(100 - report["percent_removed"])
+    assert report["top1_exported"] == pytest.approx(report["top1_P"])
+    assert len(report["seconds_per_epoch"]) == 2
+    raw = torch.load(out / "pruned_model.pt", weights_only=True)
+    assert raw["model"] == "lenet"
+    small = load_pruned_model(str(out / "pruned_model.pt"))
+    assert sum(p.numel() for p in small.parameters()) == report["parameters_pruned"] < report["parameters_dense"]
+    data = load_dataset("digits", limit=256)
+    assert evaluate(small, data.test_x, data.test_y)[0] == pytest.approx(report["top1_P"])
+
+
+def test_resume_continues_where_the_run_stopped(tmp_path):
+    straight, split = tmp_path / "straight", tmp_path / "split"
+    main(TINY + ["--epochs", "3", "--out", str(straight)])
+    main(TINY + ["--epochs", "1", "--out", str(split)])
+    os.remove(split / "report.json")
+    main(TINY + ["--epochs", "3", "--out", str(split), "--resume"])
+    a = json.loads((straight / "report.json").read_text())
+    b = json.loads((split / "report.json").read_text())
+    for key in ("iterations", "top1_F", "top1_P", "percent_removed", "converged_at_iteration"):
+        assert a[key] == b[key], key
+    ha = json.loads((straight / "history.json").read_text())
+    hb = json.loads((split / "history.json").read_text())
+    assert [h["best_energy"] for h in ha] == pytest.approx([h["best_energy"] for h in hb], abs=1e-6)
+
+
+def _write_idx(path, array):
+    header = bytes([0, 0, 8, array.ndim]) + b"".join(int(s).to_bytes(4, "big") for s in array.shape)
+    with gzip.open(path, "wb") as f:
+        f.write(header + array.astype(np.uint8).tobytes())
+
+
+def test_fashion_mnist_loader_reads_any_idx_directory(tmp_path):
+    rng = np.random.default_rng(0)
+    _write_idx(tmp_path / "train-images-idx3-ubyte.gz", rng.integers(0, 256, (20, 28, 28)))
+    _write_idx(tmp_path / "train-labels-idx1-ubyte.gz", rng.integers(0, 10, (20,)))
+    _write_idx(tmp_path / "t10k-images-idx3-ubyte.gz", rng.integers(0, 256, (7, 28, 28)))
+    _write_idx(tmp_path / "t10k-labels-idx1-ubyte.gz", np.arange(7))
+    data = load_fashion_mnist(str(tmp_path))
+    assert data.train_x.shape == (20, 1, 28, 28) and data.test_x.shape == (7, 1, 28, 28)
+    assert data.test_y.tolist() == list(range(7))
+    assert abs(float(data.train_x.mean())) < 1e-5
+
+
+def test_missing_fashion_mnist_says_how_to_install(tmp_path):
+    with pytest.raises(FileNotFoundError, match="apt-get install dataset-fashion-mnist"):
+        load_fashion_mnist(str(tmp_path / "nowhere"))
+
+
+def test_unknown_names_are_clear_errors():
+    with pytest.raises(ValueError, match="unknown model"):
+        build_model("vgg99")
+    with pytest.raises(ValueError, match="unknown data set"):
+        load_dataset("imagenet")
+    with pytest.raises(SystemExit):
+        main(["prune", "--model", "vgg99"])
