@@ -102,6 +102,7 @@ def prune(args) -> dict:
         progress.close()
     if not pruner.converged:
         pruner.finalize()
+    pruner.sync()
     return _report(args, kwargs, data, model, pruner, run, device)
 
 

@@ -120,7 +120,7 @@ def _plan(model: nn.Module, dg, fraction: float, norm: str, names: List[str]
             if not (isinstance(mod, _CONV + (nn.Linear,)) and dg.is_out_channel_pruning_fn(item.dep.handler)):
                 continue
             per = _norm_per_filter(mod.weight, norm)[list(item.idxs)]
-            per = per.pow(2) if norm == "l1" else per
+            per = per.pow(2) if norm == "l2" else per
             score.index_add_(0, torch.as_tensor(item.root_idxs, dtype=torch.long), per)
             members.append((mod, list(item.idxs), list(item.root_idxs)))
         score = score.sqrt() if norm == "l2" else score

@@ -17,6 +17,7 @@ from .backends import resolve_backend, score
 from .energy import check_labels, resolve_energy
 from .export import export_pruned
 from .masked_update import keep_masks, masked_step, zero_pruned
+from .compact_training import CompactTrainer
 from .masking import masked
 from .units import discover_units, model_outputs
 
@@ -43,7 +44,7 @@ class EDropout:
                  init_keep: float = 0.5, mutation_factor: float = 0.9, crossover_rate: float = 0.9,
                  energy="margin", backend: str = "auto", seed: int = 0, min_iterations: int = 100,
                  patience: int = 10, rescore_parents: bool = False, score_in_eval_mode: bool = False,
-                 ignored_layers=None, max_members_per_pass=None):
+                 ignored_layers=None, max_members_per_pass=None, compact_after_convergence: bool = True):
         if not isinstance(model, nn.Module):
             raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
         if not torch.is_tensor(example_inputs):
@@ -62,6 +63,8 @@ class EDropout:
         self.rescore_parents = bool(rescore_parents)
         self.batch_statistics = not score_in_eval_mode
         self.max_members_per_pass = max_members_per_pass
+        self.compact_after_convergence = bool(compact_after_convergence)
+        self._compact = None
         self.units = discover_units(model, example_inputs, ignored_layers)
         self.num_classes = model_outputs(model, example_inputs).shape[-1]
         self.seed = int(seed)
@@ -132,16 +135,33 @@ class EDropout:
         self._check_batch(x, y)
         if not self.converged:
             self.evolve(x, y)
-        with masked(self.model, self.units, self.best_state):
-            logits = self.model(x)
-        loss = F.cross_entropy(logits, y)
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        masked_step(optimizer, self._masks())
+        if self.converged and self.compact_after_convergence and self.units.traced:
+            loss = self._compact_trainer(optimizer).step(x, y)
+        else:
+            with masked(self.model, self.units, self.best_state):
+                logits = self.model(x)
+            loss = F.cross_entropy(logits, y)
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            masked_step(optimizer, self._masks())
         self.iteration += 1
         energies = self.stored_energies
         return StepInfo(self.iteration, float(loss.detach()), float(energies.min()), float(energies.mean()),
                         self.pruning_rate, self.converged)
+
+    def _compact_trainer(self, optimizer) -> CompactTrainer:
+        if self._compact is not None and self._compact.user_optimizer is not optimizer:
+            self.sync()
+            self._compact = None
+        if self._compact is None:
+            self._compact = CompactTrainer(self.model, self.units, self.best_state, optimizer, self.example_inputs)
+        return self._compact
+
+    def sync(self) -> None:
+        """After convergence training runs on the compact network; copy its weights, BatchNorm statistics and
+        optimizer state back into the user's model and optimizer (``export`` and ``state_dict`` do this too)."""
+        if self._compact is not None:
+            self._compact.write_back()
 
     def finalize(self) -> None:
         """Freeze the best state, stop evolving and zero pruned weights for good."""
@@ -160,11 +180,15 @@ class EDropout:
 
     def export(self) -> nn.Module:
         """A physically smaller copy of the model without the best state's pruned units."""
+        self.sync()
         return export_pruned(self.model, self.units, self.best_state, self.example_inputs)
 
     # ----- checkpointing -------------------------------------------------------------------------------
     def state_dict(self) -> dict:
-        """Everything needed to resume the evolution exactly: population, energies, RNG, counters."""
+        """Everything needed to resume the evolution exactly: population, energies, RNG, counters.
+
+        Also brings the user's model and optimizer up to date (``sync``), so save them after this call."""
+        self.sync()
         return {"num_units": self.num_units, "population": self.population.cpu(),
                 "stored_energies": None if self.stored_energies is None else self.stored_energies.cpu(),
                 "best_state": self.best_state.cpu(), "generator": self.generator.get_state(),
@@ -189,3 +213,4 @@ class EDropout:
         self.convergence.unchanged = int(state["unchanged"])
         self.seed = int(state["seed"])
         self._keep_masks = None
+        self._compact = None

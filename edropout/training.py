@@ -59,8 +59,9 @@ class Run:
         return os.path.join(self.out_dir, "checkpoint.pt")
 
     def save(self):
+        pruner_state = self.pruner.state_dict()  # first: it writes compact-training weights back into the model
         atomic_save({"model": self.model.state_dict(), "optimizer": self.optimizer.state_dict(),
-                     "scheduler": self.scheduler.state_dict(), "pruner": self.pruner.state_dict(),
+                     "scheduler": self.scheduler.state_dict(), "pruner": pruner_state,
                      "generator": self.generator.get_state(), "epoch": self.epoch, "history": self.history,
                      "epoch_seconds": self.epoch_seconds, "converged_at": self.converged_at},
                     self.checkpoint_path)

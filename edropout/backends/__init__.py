@@ -4,21 +4,22 @@
 """
 from __future__ import annotations
 
+import importlib.util
+
 import torch
 
-from . import batched, reference
+from . import batched, reference, triton
 
-SCORERS = {"reference": reference.score, "batched": batched.score}
+SCORERS = {"reference": reference.score, "batched": batched.score, "triton": triton.score}
 BACKENDS = tuple(SCORERS) + ("auto",)
 
 
 def resolve_backend(name: str, device: torch.device) -> str:
     """Validate a backend name and resolve ``auto`` for the device."""
-    if name == "triton" and "triton" not in SCORERS:
-        raise ValueError("backend='triton' is not available yet (it comes with the Triton kernels); "
-                         "use 'batched' or 'reference'")
     if name not in BACKENDS:
         raise ValueError(f"unknown backend {name!r}: use one of {BACKENDS}")
+    if name == "auto" and torch.device(device).type == "cuda" and importlib.util.find_spec("triton"):
+        return "triton"  # kept-channel kernels on CUDA when Triton is installed
     return "batched" if name == "auto" else name
 
 

@@ -52,6 +52,14 @@ def _kernels(device: torch.device):
     return ek
 
 
+def _interpreter_tiles(rows: int) -> dict:
+    """Tile sizes for the conv/linear kernels: their defaults on a GPU; in Triton's CPU interpreter, where every
+    program instance costs milliseconds of Python, one row tile per member (numpy does the big dot quickly)."""
+    from edropout_kernels._checks import INTERPRET, pow2_between
+
+    return {"block_m": pow2_between(rows, 16, 1024)} if INTERPRET else {}
+
+
 def _allow_tf32(kind: str) -> bool:
     """Mirror PyTorch's own switches: convs follow cuDNN's TF32 flag, linears the float32 matmul precision."""
     if kind == "conv2d":
@@ -205,7 +213,8 @@ def _build_plan(model: nn.Module, units: PrunableUnits, probe_x: torch.Tensor) -
                 and _weight_axes(units, name).get(0) is not None
                 and isinstance(bn, nn.BatchNorm2d if kind == "conv2d" else nn.BatchNorm1d)):
             folds[name] = users[0]
-    return _Plan(units, _signature(model), {n for n, ok in zero_ok.items() if ok}, folds)
+    verified = {n for n, ok in zero_ok.items() if ok and calls.get(n)}  # a layer the probe never ran stays dense
+    return _Plan(units, _signature(model), verified, folds)
 
 
 @contextlib.contextmanager
@@ -258,6 +267,12 @@ def _plan_for(model, units, x, batch_statistics, ek) -> _Plan:
 
 
 # ----- 3. the routed forward ------------------------------------------------------------------------------------
+def _conv_out_pixels(x, conv, padding) -> int:
+    """Output height × width of ``conv`` on ``x``."""
+    size = [(x.shape[2 + i] + 2 * padding[i] - conv.kernel_size[i]) // conv.stride[i] + 1 for i in (0, 1)]
+    return size[0] * size[1]
+
+
 def _kernel_ready(x: torch.Tensor, members: int, dims) -> bool:
     return x.dtype in _FLOAT and x.dim() in dims and x.shape[0] % members == 0
 
@@ -304,14 +319,18 @@ def _producer_forward(module, name, kind, ctx):
         scale, shift = _bn_scale_shift(bn) if fold else (None, None)
         keep = ctx["masks"].get(bn_name, torch.ones_like(out_keep)) if fold else out_keep
         if kind == "conv2d":
+            padding = _conv_padding(module)
+            rows = x.shape[0] // members * _conv_out_pixels(x, module, padding)
             out = ctx["ek"].population_conv2d(
                 x.to(dtype), module.weight, module.bias, in_keep, keep, members=members, stride=module.stride,
-                padding=_conv_padding(module), scale=scale, shift=shift, allow_tf32=ctx["tf32"]("conv2d"))
+                padding=padding, scale=scale, shift=shift, allow_tf32=ctx["tf32"]("conv2d"),
+                **_interpreter_tiles(rows))
         else:
             flat = x.to(dtype).reshape(-1, x.shape[-1])
             out = ctx["ek"].population_linear(
                 flat, module.weight, module.bias, in_keep, keep, members=members, scale=scale, shift=shift,
-                allow_tf32=ctx["tf32"]("linear")).reshape(*x.shape[:-1], -1)
+                allow_tf32=ctx["tf32"]("linear"), **_interpreter_tiles(flat.shape[0] // members)
+            ).reshape(*x.shape[:-1], -1)
         if fold:
             ctx["folded"][bn_name] = out
         return out
