@@ -107,7 +107,7 @@ def prune(args) -> dict:
 
 
 def _report(args, kwargs, data, model, pruner, run, device) -> dict:
-    dense_top = evaluate(model, data.test_x, data.test_y)
+    dense_top = evaluate(model, data.test_x, data.test_y, context=pruner.full_network())
     pruned_top = evaluate(model, data.test_x, data.test_y, context=pruner.apply())
     small = pruner.export()
     model_path = os.path.join(args.out, "pruned_model.pt")

@@ -69,6 +69,19 @@ def make_children(population: torch.Tensor, draws: Draws, factor: float, rate: f
     return crossover(population, mutant, draws.crossover.to(device), rate)
 
 
+def keep_one_per_group(states: torch.Tensor, group_of_unit: torch.Tensor, generator: torch.Generator):
+    """(ours) A state that empties a whole group keeps one random unit of it, so every state can be exported."""
+    size, num_units = states.shape
+    groups = int(group_of_unit.max()) + 1
+    index = group_of_unit.to(states.device).expand(size, num_units)
+    kept = torch.zeros(size, groups, device=states.device).index_add_(1, group_of_unit.to(states.device),
+                                                                       states.float())
+    keys = torch.rand(size, num_units, generator=generator).to(states.device)
+    best = torch.full((size, groups), -1.0, device=states.device).scatter_reduce(1, index, keys, "amax")
+    chosen = keys == best.gather(1, index)
+    return states | (chosen & (kept == 0).gather(1, index))
+
+
 def select(population, energies, children, child_energies):
     """Greedy selection: a child replaces its parent only if strictly better (ties keep the parent)."""
     better = child_energies < energies

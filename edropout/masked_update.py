@@ -57,6 +57,11 @@ def masked_step(optimizer: torch.optim.Optimizer, masks: dict) -> None:
                     value[frozen] = tensors[key] if key in tensors else 0
 
 
+def pruned_values(masks: dict) -> dict:
+    """Copies of the pruned elements of every parameter (what ``finalize`` is about to zero)."""
+    return {param: param.detach()[_frozen(param, keep)].clone() for param, keep in masks.items()}
+
+
 def zero_pruned(masks: dict) -> None:
     """Set pruned weights to zero for good (``finalize``)."""
     with torch.no_grad():

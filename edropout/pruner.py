@@ -6,6 +6,7 @@ weights exactly unchanged. Once the best state stops changing (§5) it is frozen
 """
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass
 
 import torch
@@ -16,7 +17,7 @@ from . import evolution as evo
 from .backends import resolve_backend, score
 from .energy import check_labels, resolve_energy
 from .export import export_pruned
-from .masked_update import keep_masks, masked_step, zero_pruned
+from .masked_update import keep_masks, masked_step, pruned_values, zero_pruned
 from .compact_training import CompactTrainer
 from .masking import masked
 from .units import discover_units, model_outputs
@@ -69,13 +70,16 @@ class EDropout:
         self.num_classes = model_outputs(model, example_inputs).shape[-1]
         self.seed = int(seed)
         self.generator = torch.Generator().manual_seed(self.seed)
-        self.population = evo.initial_population(self.population_size, self.units.num_units, self.init_keep,
-                                                 self.generator).to(self.device)
+        self._group_of_unit = self.units.group_of_unit
+        population = evo.initial_population(self.population_size, self.units.num_units, self.init_keep,
+                                            self.generator)
+        self.population = evo.keep_one_per_group(population, self._group_of_unit, self.generator).to(self.device)
         self.stored_energies = None
         self.best_state = torch.ones(self.units.num_units, dtype=torch.bool, device=self.device)
         self.convergence = evo.Convergence(int(min_iterations), int(patience))
         self.iteration = 0
         self.converged = False
+        self.pruned_values = {}
         self._keep_masks = None
 
     # ----- scoring -------------------------------------------------------------------------------------
@@ -110,6 +114,7 @@ class EDropout:
         """One generation: children, scoring, greedy selection, best state and convergence."""
         draws = evo.draw_randoms(self.population_size, self.num_units, self.generator)
         children = evo.make_children(self.population, draws, self.mutation_factor, self.crossover_rate)
+        children = evo.keep_one_per_group(children, self._group_of_unit, self.generator)
         if self.stored_energies is None or self.rescore_parents:
             both = self.score_states(torch.cat([self.population, children]), x, y)
             self.stored_energies, child_energies = both.split(self.population_size)
@@ -165,7 +170,11 @@ class EDropout:
 
     def finalize(self) -> None:
         """Freeze the best state, stop evolving and zero pruned weights for good."""
+        if self.converged:
+            return
         self.converged = True
+        names = {param: name for name, param in self.model.named_parameters()}
+        self.pruned_values = {names[param]: values for param, values in pruned_values(self._masks()).items()}
         zero_pruned(self._masks())
 
     # ----- results -------------------------------------------------------------------------------------
@@ -173,6 +182,22 @@ class EDropout:
     def pruning_rate(self) -> float:
         """Share of trainable parameters that the best state removes when exported."""
         return float(self.units.pruning_rate(self.best_state.cpu().unsqueeze(0))[0])
+
+    @contextlib.contextmanager
+    def full_network(self):
+        """Context manager for the paper's (F): every unit kept, pruned weights at the values they were frozen
+        at before ``finalize`` zeroed them (the dropout-style full network). Zeroed again on exit."""
+        self.sync()
+        params = dict(self.model.named_parameters())
+        masks = self._masks()
+        try:
+            with torch.no_grad():
+                for name, values in self.pruned_values.items():
+                    params[name][~masks[params[name]].expand_as(params[name])] = values.to(self.device)
+            yield
+        finally:
+            if self.converged:
+                zero_pruned(masks)
 
     def apply(self, state=None):
         """Context manager: the model computes with ``state`` (default: the best state) applied."""
@@ -193,7 +218,8 @@ class EDropout:
                 "stored_energies": None if self.stored_energies is None else self.stored_energies.cpu(),
                 "best_state": self.best_state.cpu(), "generator": self.generator.get_state(),
                 "iteration": self.iteration, "converged": self.converged,
-                "unchanged": self.convergence.unchanged, "seed": self.seed}
+                "unchanged": self.convergence.unchanged, "seed": self.seed,
+                "pruned_values": {k: v.cpu() for k, v in self.pruned_values.items()}}
 
     def load_state_dict(self, state: dict) -> None:
         """Restore a ``state_dict`` taken from a pruner of the same model."""
@@ -214,3 +240,4 @@ class EDropout:
         self.seed = int(state["seed"])
         self._keep_masks = None
         self._compact = None
+        self.pruned_values = state.get("pruned_values", {})

@@ -15,7 +15,7 @@ def write_json(report: dict, out_dir: str) -> str:
     return path
 
 
-def plot_history(history: list, out_dir: str, converged_at=None) -> list:
+def plot_history(history: list, out_dir: str, converged_at=None, prefix: str = "") -> list:
     """``energy.png`` (best and mean stored energy) and ``pruning.png`` (pruning rate) per iteration."""
     import matplotlib
 
@@ -37,7 +37,7 @@ def plot_history(history: list, out_dir: str, converged_at=None) -> list:
         ax.set_ylabel(ylabel)
         ax.legend()
         fig.tight_layout()
-        path = os.path.join(out_dir, name)
+        path = os.path.join(out_dir, prefix + name)
         fig.savefig(path, dpi=120)
         plt.close(fig)
         paths.append(path)

@@ -99,6 +99,11 @@ class PrunableUnits:
         singles = ~torch.eye(self.num_units, dtype=torch.bool)
         return base - self.kept_parameters(singles)
 
+    @property
+    def group_of_unit(self) -> torch.Tensor:
+        """Index of the group each bit belongs to (LongTensor[D])."""
+        return torch.cat([torch.full((g.size,), i, dtype=torch.long) for i, g in enumerate(self.groups)])
+
     def describe(self) -> str:
         """One line per group: root module and number of bits, for logs and reports."""
         return "\n".join(f"{g.module_name}: {g.size} units ({len(g.members)} coupled modules)" for g in self.groups)

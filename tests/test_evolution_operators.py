@@ -99,3 +99,16 @@ def test_probabilities_must_be_in_unit_interval(bad):
 def test_population_needs_four_members():
     with pytest.raises(ValueError, match=">= 4"):
         evo.check_population_size(3)
+
+
+def test_no_state_empties_a_whole_group():
+    groups = torch.tensor([0, 0, 1, 1, 1, 2])
+    states = torch.tensor([[0, 0, 0, 0, 0, 0], [1, 0, 0, 1, 0, 1], [0, 0, 1, 1, 1, 0]], dtype=torch.bool)
+    repaired = evo.keep_one_per_group(states, groups, torch.Generator().manual_seed(0))
+    assert torch.equal(repaired[1], states[1])  # nothing to repair
+    assert (repaired >= states).all()  # only ever adds units
+    for row in repaired:
+        for g in range(3):
+            assert row[groups == g].sum() >= 1
+    # exactly one unit added to each emptied group
+    assert repaired[0].sum() == 3 and repaired[2].sum() == 5

@@ -169,3 +169,25 @@ def test_bad_batches_are_clear_errors(batch):
         pruner.energies(x, y.float())
     with pytest.raises(TypeError, match="example_inputs"):
         EDropout(model, None)
+
+
+def test_full_network_restores_frozen_weights_only_inside_the_context(batch):
+    x, y = batch
+    model, pruner = _pruner("lenet", x=x)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.01)
+    pruner.step(x, y, optimizer)
+    model.eval()
+    with torch.no_grad():
+        before = model(x)  # every unit kept, pruned weights at their frozen values
+        pruner.finalize()
+        with pruner.full_network():
+            full = model(x)
+        with pruner.apply():
+            pruned = model(x)
+        zeroed = model(x)
+    assert torch.allclose(full, before)
+    assert not torch.allclose(full, pruned)
+    assert torch.allclose(zeroed, pruned, atol=1e-6)  # weights zeroed again: all-kept equals the pruned network
+    restored = EDropout(small_net("lenet"), x[:2], population_size=6)
+    restored.load_state_dict(pruner.state_dict())
+    assert restored.pruned_values.keys() == pruner.pruned_values.keys()

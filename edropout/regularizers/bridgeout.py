@@ -92,7 +92,8 @@ def _conv2d(layer: nn.Conv2d, x: torch.Tensor, weight: torch.Tensor, bias: Optio
 
 
 class Bridgeout(nn.Module):
-    """Mixin: per-example Bridgeout on the weight of the nn.Linear / nn.Conv2d it is combined with."""
+    """Mixin base of the per-example Bridgeout layers (`isinstance(m, Bridgeout)` finds every wrapped
+    layer, Batch ones included); the concrete Linear / Conv2d classes below supply `_noisy_forward`."""
 
     def __init__(self, *args, p: float = 0.3, q: float = 1.5,
                  generator: Optional[torch.Generator] = None, **kwargs):
@@ -108,15 +109,13 @@ class Bridgeout(nn.Module):
             return super().forward(x)
         return self._noisy_forward(x)
 
-    def _noisy_forward(self, x: torch.Tensor) -> torch.Tensor:
-        raise NotImplementedError  # provided by the concrete Linear / Conv2d classes below
-
     def extra_repr(self) -> str:
         return f"{super().extra_repr()}, p={self.bridgeout_p}, q={self.bridgeout_q}"
 
 
 class BatchBridgeout(Bridgeout):
-    """Mixin: one η per forward call, applied to the τ share of smallest-|w| weights of each unit."""
+    """Mixin: one η per forward call (a mini-batch; gradient-accumulation micro-batches each get their
+    own draw), applied to the τ share of smallest-|w| weights of each output unit."""
 
     def __init__(self, *args, p: float = 0.3, q: float = 1.5, tau: float = 0.75,
                  generator: Optional[torch.Generator] = None, **kwargs):

@@ -90,7 +90,10 @@ def sparseout(x: torch.Tensor, p: float = 0.5, q: float = 2.0, training: bool = 
 
 
 class Sparseout(nn.Module):
-    """Drop-in replacement for nn.Dropout applying Sparseout noise in training mode, identity in eval."""
+    """Drop-in replacement for nn.Dropout applying Sparseout noise in training mode, identity in eval.
+
+    `generator` (optional, on the input's device) makes the draws reproducible; default: global RNG.
+    """
 
     def __init__(self, p: float = 0.5, q: float = 2.0, generator: Optional[torch.Generator] = None):
         super().__init__()

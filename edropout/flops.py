@@ -1,0 +1,32 @@
+"""Count the multiply-accumulate work of a model's Conv and Linear layers on one input, to report FLOPs removed."""
+from __future__ import annotations
+
+import torch
+import torch.nn as nn
+
+_CONV = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
+
+
+def count_flops(model: nn.Module, example_inputs: torch.Tensor) -> int:
+    """FLOPs (2 × multiply-accumulates) of Conv and Linear layers for one sample shaped like ``example_inputs[0]``."""
+    total = 0
+
+    def hook(module, inputs, output):
+        nonlocal total
+        if isinstance(module, _CONV):
+            per_output = module.weight[0].numel()  # (in_channels / groups) × kernel
+        else:
+            per_output = module.in_features
+        total += 2 * per_output * output[0].numel()
+
+    handles = [m.register_forward_hook(hook) for m in model.modules() if isinstance(m, _CONV + (nn.Linear,))]
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.no_grad():
+            model(example_inputs[:1])
+    finally:
+        model.train(was_training)
+        for h in handles:
+            h.remove()
+    return total
