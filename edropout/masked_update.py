@@ -31,6 +31,14 @@ def keep_masks(model: nn.Module, units: PrunableUnits, state: torch.Tensor) -> d
     return masks
 
 
+def row_col_keeps(model: nn.Module, units: PrunableUnits, state: torch.Tensor) -> dict:
+    """The same masks as (row_keep [dim 0] or None, col_keep [dim 1] or None) per parameter: the fused kernel's form."""
+    params = dict(model.named_parameters())
+    ext = units.extended(state.reshape(1, -1))[0]
+    return {params[pa.name]: tuple(ext[pa.axes[d].to(ext.device)] if d in pa.axes else None for d in (0, 1))
+            for pa in units.param_axes}
+
+
 def _frozen(param, keep):
     return ~keep.expand_as(param)
 

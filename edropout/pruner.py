@@ -17,7 +17,7 @@ from . import evolution as evo
 from .backends import resolve_backend, score
 from .energy import check_labels, resolve_energy
 from .export import export_pruned
-from .masked_update import keep_masks, masked_step, pruned_values, zero_pruned
+from .masked_update import keep_masks, masked_step, pruned_values, row_col_keeps, zero_pruned
 from .compact_training import CompactTrainer
 from .masking import masked
 from .units import discover_units, model_outputs
@@ -110,20 +110,42 @@ class EDropout:
         return self.score_states(self.population, x, y)
 
     # ----- evolution -----------------------------------------------------------------------------------
+    @property
+    def accelerated(self) -> bool:
+        """True on the Triton backend: evolution and the masked update run as single kernel launches."""
+        return self.backend == "triton"
+
+    def _children(self) -> torch.Tensor:
+        if self.accelerated:
+            from edropout_kernels.evolution import make_children
+
+            # counter-based RNG keyed by (seed, iteration): reproducible and resumable without saved state
+            return make_children(self.population, self.mutation_factor, self.crossover_rate, seed=self.seed,
+                                 step=self.iteration)
+        draws = evo.draw_randoms(self.population_size, self.num_units, self.generator)
+        return evo.make_children(self.population, draws, self.mutation_factor, self.crossover_rate)
+
+    def _select(self, children, child_energies):
+        if self.accelerated:
+            from edropout_kernels.evolution import select_and_best
+
+            population, energies, best = select_and_best(self.population, self.stored_energies, children,
+                                                         child_energies)
+            return population, energies, best
+        population, energies = evo.select(self.population, self.stored_energies, children, child_energies)
+        return population, energies, energies.argmin()
+
     def evolve(self, x: torch.Tensor, y: torch.Tensor) -> None:
         """One generation: children, scoring, greedy selection, best state and convergence."""
-        draws = evo.draw_randoms(self.population_size, self.num_units, self.generator)
-        children = evo.make_children(self.population, draws, self.mutation_factor, self.crossover_rate)
-        children = evo.keep_one_per_group(children, self._group_of_unit, self.generator)
+        children = evo.keep_one_per_group(self._children(), self._group_of_unit, self.generator)
         if self.stored_energies is None or self.rescore_parents:
             both = self.score_states(torch.cat([self.population, children]), x, y)
             self.stored_energies, child_energies = both.split(self.population_size)
         else:
             child_energies = self.score_states(children, x, y)
-        self.population, self.stored_energies = evo.select(self.population, self.stored_energies, children,
-                                                           child_energies)
-        best = self.population[int(self.stored_energies.argmin())]
-        changed = not torch.equal(best, self.best_state)
+        self.population, self.stored_energies, best_index = self._select(children, child_energies)
+        best = self.population[best_index]
+        changed = not torch.equal(best, self.best_state)  # the one host synchronisation of an iteration
         self.best_state = best.clone()
         self._keep_masks = None
         if self.convergence.update(self.iteration + 1, changed):
@@ -148,11 +170,21 @@ class EDropout:
             loss = F.cross_entropy(logits, y)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
-            masked_step(optimizer, self._masks())
+            self._optimizer_step(optimizer)
         self.iteration += 1
-        energies = self.stored_energies
+        energies = self.stored_energies if self.stored_energies is not None else torch.full((1,), float("nan"))
         return StepInfo(self.iteration, float(loss.detach()), float(energies.min()), float(energies.mean()),
                         self.pruning_rate, self.converged)
+
+    def _optimizer_step(self, optimizer) -> None:
+        """The masked update: fused in one launch on the Triton backend where the optimizer is supported,
+        else the reference (ordinary step, then restore pruned elements)."""
+        if self.accelerated:
+            from edropout_kernels.masked_optimizer import fused_masked_step
+
+            if fused_masked_step(optimizer, row_col_keeps(self.model, self.units, self.best_state)):
+                return
+        masked_step(optimizer, self._masks())
 
     def _compact_trainer(self, optimizer) -> CompactTrainer:
         if self._compact is not None and self._compact.user_optimizer is not optimizer:
