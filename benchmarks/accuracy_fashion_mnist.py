@@ -9,42 +9,24 @@ EDropout trained after its state froze. Writes ``accuracy_<config>.{json,md}`` a
 from __future__ import annotations
 
 import argparse
-import datetime
 import json
 import math
 import os
-import platform
 import statistics
 import sys
-import tempfile
 import time
 
 import torch
 
-from edropout import EDropout
-from edropout.data import load_dataset
+from edropout.data import load_benchmark_data
 from edropout.export import export_pruned
-from edropout.flops import count_flops
+from edropout.flops import count_flops, count_parameters
 from edropout.magnitude_pruning import magnitude_state_for_rate
 from edropout.models import build_model
-from edropout.report import plot_history
-from edropout.training import Run, evaluate, make_optimizer, train_plain
+from edropout.report import plot_history, run_metadata
+from edropout.training import evaluate, make_optimizer, train_edropout, train_plain
 
 METHODS = ("dense", "edropout", "l1")
-
-
-def _params(model):
-    return sum(p.numel() for p in model.parameters())
-
-
-def _load(config):
-    data = load_dataset(config.get("data", "fashion-mnist"), config.get("data_dir"))
-    n_train, n_test = config.get("train_images"), config.get("test_images")
-    if n_train:
-        data.train_x, data.train_y = data.train_x[:n_train], data.train_y[:n_train]
-    if n_test:
-        data.test_x, data.test_y = data.test_x[:n_test], data.test_y[:n_test]
-    return data
 
 
 def run_one(net, width, seed, data, config, device):
@@ -56,7 +38,7 @@ def run_one(net, width, seed, data, config, device):
     torch.manual_seed(seed)
     dense = build_model(net, **kwargs).to(device)
     initial = {k: v.clone() for k, v in dense.state_dict().items()}
-    dense_flops, dense_params = count_flops(dense, example), _params(dense)
+    dense_flops, dense_params = count_flops(dense, example), count_parameters(dense)
     start = time.perf_counter()
     train_plain(dense, make_optimizer(config["optimizer"], dense.parameters()), data.train_x, data.train_y,
                 epochs, batch_size, seed)
@@ -66,20 +48,7 @@ def run_one(net, width, seed, data, config, device):
     model = build_model(net, **kwargs).to(device)
     model.load_state_dict(initial)  # the same initial weights as the baseline
     per_epoch = len(data.train_y) // batch_size
-    pruner = EDropout(model, example, population_size=config["population_size"], energy=config["energy"],
-                      backend=config.get("backend", "auto"), seed=seed, patience=config["patience"],
-                      min_iterations=int(config["min_iterations_fraction"] * per_epoch * epochs))
-    optimizer = make_optimizer(config["optimizer"], model.parameters())
-    scheduler = torch.optim.lr_scheduler.StepLR(optimizer, 10 ** 9)
-    with tempfile.TemporaryDirectory() as tmp:
-        run = Run(model, pruner, optimizer, scheduler, data, batch_size, seed, tmp)
-        start = time.perf_counter()
-        while run.epoch < epochs:
-            run.train_epoch()
-    seconds = time.perf_counter() - start
-    if not pruner.converged:
-        pruner.finalize()
-    pruner.sync()
+    pruner, run, seconds = train_edropout(model, example, data, config, seed)
     small = pruner.export()
     rate = pruner.pruning_rate
     converged_at = run.converged_at or pruner.iteration
@@ -97,7 +66,7 @@ def run_one(net, width, seed, data, config, device):
     train_plain(pruned, make_optimizer(config["optimizer"], pruned.parameters()), data.train_x, data.train_y,
                 finetune_epochs, batch_size, seed + 1)
     results["l1"] = {"top": evaluate(pruned, data.test_x, data.test_y), "seconds": time.perf_counter() - start,
-                     "params_removed": 100 * (1 - _params(pruned) / dense_params),
+                     "params_removed": 100 * (1 - count_parameters(pruned) / dense_params),
                      "flops_removed": 100 * (1 - count_flops(pruned, example) / dense_flops),
                      "finetune_epochs": finetune_epochs}
     return results, run.history, run.converged_at
@@ -191,7 +160,7 @@ def main(argv=None):
         torch.set_num_threads(config["threads"])
     name = os.path.splitext(os.path.basename(args.config))[0]
     device = torch.device(args.device)
-    data = _load(config)
+    data = load_benchmark_data(config)
     raw, first_history = {}, None
     for net, width in config["networks"].items():
         raw[net] = []
@@ -204,9 +173,7 @@ def main(argv=None):
                 first_history = (net, history, converged_at)
     table = summarise(raw)
     checks = floors(table)
-    device_name = torch.cuda.get_device_name() if device.type == "cuda" else platform.processor() or "cpu"
-    meta = {"config": name, "machine": f"{device_name} ({os.cpu_count()} CPU cores)", "torch": torch.__version__,
-            "date": datetime.date.today().isoformat(), "seeds": config["seeds"], "epochs": config["epochs"],
+    meta = {**run_metadata(name, device), "seeds": config["seeds"], "epochs": config["epochs"],
             "train_images": len(data.train_y), "test_images": len(data.test_y)}
     os.makedirs(args.out, exist_ok=True)
     base = os.path.join(args.out, f"accuracy_{name}")

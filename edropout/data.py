@@ -104,6 +104,18 @@ def load_dataset(name: str, data_dir: str | None = None, limit: int | None = Non
     return data
 
 
+def load_benchmark_data(config: dict) -> Dataset:
+    """A benchmark config's data set (``data``, default Fashion-MNIST; ``data_dir``) cut to its first
+    ``train_images`` / ``test_images`` images when those are given: the quick CPU runs use a subset."""
+    data = load_dataset(config.get("data", "fashion-mnist"), config.get("data_dir"))
+    n_train, n_test = config.get("train_images"), config.get("test_images")
+    if n_train:
+        data.train_x, data.train_y = data.train_x[:n_train], data.train_y[:n_train]
+    if n_test:
+        data.test_x, data.test_y = data.test_x[:n_test], data.test_y[:n_test]
+    return data
+
+
 def batches(x: torch.Tensor, y: torch.Tensor, batch_size: int, generator: torch.Generator, drop_last=True):
     """Shuffled mini-batches for one epoch (the last partial batch dropped so BatchNorm sees full batches)."""
     order = torch.randperm(len(y), generator=generator)

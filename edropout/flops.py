@@ -30,3 +30,8 @@ def count_flops(model: nn.Module, example_inputs: torch.Tensor) -> int:
         for h in handles:
             h.remove()
     return total
+
+
+def count_parameters(model: nn.Module) -> int:
+    """Number of parameters (trainable or not) of ``model``: the size that pruning reports shrink."""
+    return sum(p.numel() for p in model.parameters())

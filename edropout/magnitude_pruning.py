@@ -3,14 +3,15 @@
 Each bit's importance is the norm of the filters it owns (every coupled producer's output rows: L1 = summed
 absolute values, L2 = root of summed squares). In every group the share ``fraction`` of lowest-importance
 units is removed (at least one unit is kept), and the result is a state that ``export_pruned`` removes
-physically, exactly as for EDropout.
+physically, exactly as for EDropout. ``conv_filter_units`` restricts the groups to convolution filters, for
+the classic "remove the fraction f of filters of every conv layer" protocol (Linear hidden layers unpruned).
 """
 from __future__ import annotations
 
 import torch
 import torch.nn as nn
 
-from .units import PrunableUnits, _PRODUCERS
+from .units import _CONV, _PRODUCERS, PrunableUnits, discover_units
 
 
 def unit_norms(model: nn.Module, units: PrunableUnits, norm: str = "l1") -> torch.Tensor:
@@ -59,3 +60,16 @@ def magnitude_state_for_rate(model: nn.Module, units: PrunableUnits, rate: float
             best = state
         low, high = (mid, high) if achieved < rate else (low, mid)
     return best
+
+
+def conv_filter_units(model: nn.Module, example_inputs) -> PrunableUnits:
+    """The unit groups of ``model`` with every non-convolution producer (Linear layers) left unpruned, so a
+    magnitude state over them removes conv filters only (with whatever they are coupled to, e.g. the inputs
+    of the next layer)."""
+    others = [name for name, m in model.named_modules() if isinstance(m, _PRODUCERS) and not isinstance(m, _CONV)]
+    return discover_units(model, example_inputs, ignored_layers=others)
+
+
+def conv_filter_count(model: nn.Module) -> int:
+    """Number of convolution output filters in ``model`` (to measure the share an exported copy lost)."""
+    return sum(m.out_channels for m in model.modules() if isinstance(m, _CONV))

@@ -1,8 +1,39 @@
-"""The main job's report: ``report.json`` and the plots of energy and pruning rate per iteration."""
+"""The main job's report (``report.json``, plots of energy and pruning rate per iteration) and the run metadata
+that the benchmarks' tables state (machine, torch version, date)."""
 from __future__ import annotations
 
+import datetime
 import json
 import os
+import platform
+
+
+def _cpu_name() -> str:
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or "cpu"
+
+
+def machine_description(device) -> str:
+    """The accelerator's name (or the CPU's model name) and the CPU core count, for benchmark tables."""
+    import torch
+
+    device = torch.device(device)
+    name = torch.cuda.get_device_name(device) if device.type == "cuda" else _cpu_name()
+    return f"{name} ({os.cpu_count()} CPU cores)"
+
+
+def run_metadata(config_name: str, device) -> dict:
+    """What a benchmark table states about its run: config name, machine, torch version and date."""
+    import torch
+
+    return {"config": config_name, "machine": machine_description(device), "torch": torch.__version__,
+            "date": datetime.date.today().isoformat()}
 
 
 def write_json(report: dict, out_dir: str) -> str:

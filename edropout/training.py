@@ -1,14 +1,17 @@
-"""Evaluation (Top-1/Top-5) and the EDropout training loop of the main job, with atomic checkpoints and resume."""
+"""Evaluation (Top-1/Top-5), plain training, and the EDropout training loop of the main job and benchmarks, with
+atomic checkpoints and resume."""
 from __future__ import annotations
 
 import contextlib
 import os
+import tempfile
 import time
 
 import torch
 
 from .checkpoint import atomic_save
 from .data import batches
+from .pruner import EDropout
 
 
 @torch.no_grad()
@@ -115,3 +118,31 @@ class Run:
         self.epoch += 1
         self.epoch_seconds.append(time.perf_counter() - start)
         self.save()
+
+
+def train_edropout(model, example_inputs, data, config: dict, seed: int):
+    """Train ``model`` with EDropout for ``config["epochs"]`` epochs (the benchmarks' shared loop).
+
+    ``config`` holds ``epochs``, ``batch_size``, ``optimizer``, ``population_size``, ``energy``, ``patience``,
+    ``min_iterations_fraction`` (of all iterations) and optionally ``backend`` and ``weight_decay``. Checkpoints
+    go to a temporary directory. If the state never froze it is frozen at the end, and compact-training
+    weights are written back, so the model and ``pruner.export()`` are final. Returns (pruner, run, seconds).
+    """
+    epochs, batch_size = config["epochs"], config["batch_size"]
+    per_epoch = len(data.train_y) // batch_size
+    pruner = EDropout(model, example_inputs, population_size=config["population_size"], energy=config["energy"],
+                      backend=config.get("backend", "auto"), seed=seed, patience=config["patience"],
+                      min_iterations=int(config["min_iterations_fraction"] * per_epoch * epochs))
+    optimizer = make_optimizer(config["optimizer"], model.parameters(),
+                               weight_decay=config.get("weight_decay", 1e-5))
+    scheduler = torch.optim.lr_scheduler.StepLR(optimizer, 10 ** 9)
+    with tempfile.TemporaryDirectory() as tmp:
+        run = Run(model, pruner, optimizer, scheduler, data, batch_size, seed, tmp)
+        start = time.perf_counter()
+        while run.epoch < epochs:
+            run.train_epoch()
+        seconds = time.perf_counter() - start
+    if not pruner.converged:
+        pruner.finalize()
+    pruner.sync()
+    return pruner, run, seconds

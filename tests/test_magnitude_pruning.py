@@ -117,3 +117,20 @@ def test_batch_bridgeout_then_magnitude_pruning_pipeline():
     assert pruned.conv4.out_channels == 12 and pruned.conv2.out_channels == 6
     assert pruned.fc.out_features == 5
     assert pruned(torch.randn(2, 3, 8, 8)).shape == (2, 5)
+
+
+def test_conv_filter_units_prune_conv_filters_only():
+    from edropout.magnitude_pruning import conv_filter_count, conv_filter_units
+    from edropout.models import build_model
+
+    torch.manual_seed(0)
+    model = build_model("alexnet", width=2).eval()
+    example = torch.randn(2, 1, 28, 28)
+    units = conv_filter_units(model, example)
+    convs = {n for n, m in model.named_modules() if isinstance(m, nn.Conv2d)}
+    assert {g.module_name for g in units.groups} == convs
+    small = export_pruned(model, units, magnitude_state(model, units, 0.5, norm="l2"), example)
+    linears = [(m.out_features) for m in small.modules() if isinstance(m, nn.Linear)]
+    assert linears == [m.out_features for m in model.modules() if isinstance(m, nn.Linear)]  # fc widths kept
+    assert conv_filter_count(small) == sum(c.out_channels - int(0.5 * c.out_channels + 0.5)
+                                           for c in model.modules() if isinstance(c, nn.Conv2d))

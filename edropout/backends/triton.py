@@ -13,7 +13,8 @@ Two facts cannot be read off ``PrunableUnits`` and are established once per mode
 which layers really see exact zeros in pruned input channels (not so after e.g. a sigmoid: then the layer
 reads all its inputs), and which conv/linear feeds exactly one BatchNorm (fold candidates). The probe then
 checks the routed forward against the reference on a few rows and raises if they differ (e.g. a model that
-mixes rows of the batch), so this backend answers like the reference or raises; it never answers differently.
+mixes rows of the batch, which no one-batch population can score), instead of answering differently. Both
+checks run on the first batch scored; layers with forward hooks are computed in full and never folded.
 """
 from __future__ import annotations
 
@@ -88,6 +89,8 @@ def _conv_padding(conv: nn.Conv2d):
 
 def _kind(module: nn.Module):
     """"conv2d" or "linear" when the module's forward is the stock one and a kernel computes it, else None."""
+    if "forward" in vars(module):  # someone replaced this instance's forward: respect it
+        return None
     if isinstance(module, nn.Linear) and type(module).forward is nn.Linear.forward:
         return "linear"
     if (isinstance(module, nn.Conv2d) and type(module).forward is nn.Conv2d.forward and module.groups == 1
@@ -95,6 +98,21 @@ def _kind(module: nn.Module):
             and _conv_padding(module) is not None):
         return "conv2d"
     return None
+
+
+def _routes_norm(module: nn.Module, batch_statistics: bool) -> bool:
+    """Whether this backend computes the BatchNorm: always with batch statistics (the reference replaces every
+    BatchNorm's forward then too), in eval-mode scoring only a stock BatchNorm (else its own forward runs)."""
+    if not isinstance(module, _NORM):
+        return False
+    stock = "forward" not in vars(module) and type(module).forward is nn.modules.batchnorm._BatchNorm.forward
+    return batch_statistics or stock
+
+
+def _hooked(module: nn.Module) -> bool:
+    """Forward hooks could change a module's output, so such a module's output must stay as PyTorch makes it."""
+    return bool(module._forward_hooks or module._forward_pre_hooks or nn.modules.module._global_forward_hooks
+                or nn.modules.module._global_forward_pre_hooks)
 
 
 def _weight_axes(units: PrunableUnits, name: str) -> dict:
@@ -133,10 +151,17 @@ def _signature(model: nn.Module) -> tuple:
     return tuple((name, id(m)) for name, m in model.named_modules())
 
 
-def _probe_states(units: PrunableUnits, device) -> torch.Tensor:
-    """Two complementary random states: every bit is pruned in exactly one of them."""
+def _probe_states(units: PrunableUnits, device, every_group: bool = False) -> torch.Tensor:
+    """Two complementary random states: every bit is pruned in exactly one of them. With ``every_group`` each
+    state keeps at least one unit of every group: a state that prunes a whole group can make the logits
+    independent of the input, and per-member BatchNorm then turns rounding noise into O(1) differences."""
     half = torch.rand(units.num_units, generator=torch.Generator().manual_seed(0)) < 0.5
-    return torch.stack([half, ~half]).to(device)
+    states = torch.stack([half, ~half])
+    if every_group:
+        for group in units.groups:
+            bits = states[:, group.first_bit:group.first_bit + group.size]
+            bits[~bits.any(dim=1), 0] = True
+    return states.to(device)
 
 
 def _pruned_inputs_zero(inputs: torch.Tensor, kind: str, keep: torch.Tensor) -> bool:
@@ -166,7 +191,8 @@ def _build_plan(model: nn.Module, units: PrunableUnits, probe_x: torch.Tensor) -
             axes1 = _weight_axes(units, name).get(1)
             if axes1 is not None and zero_ok[name]:
                 keep = ext[:, axes1.to(ext.device)]
-                zero_ok[name] = _pruned_inputs_zero(inputs[0], routed[name], keep)
+                zero_ok[name] = bool(inputs) and torch.is_tensor(inputs[0]) and \
+                    _pruned_inputs_zero(inputs[0], routed[name], keep)
         return hook
 
     def remember_output(name):
@@ -233,7 +259,7 @@ def _exact_fp32(device):
 
 def _self_check(model, units, plan, probe_x, batch_statistics, ek) -> None:
     """Routed logits must equal the reference's (one forward per state) on the probe rows, else raise."""
-    states = _probe_states(units, probe_x.device)
+    states = _probe_states(units, probe_x.device, every_group=True)
     with _exact_fp32(probe_x.device):
         ref = []
         for state in states:
@@ -278,13 +304,14 @@ def _kernel_ready(x: torch.Tensor, members: int, dims) -> bool:
 
 
 def _bn_scale_shift(bn):
-    """Eval-mode BatchNorm as a per-channel scale and shift (float32)."""
-    scale = torch.rsqrt(bn.running_var.float() + bn.eps)
+    """Eval-mode BatchNorm as a per-channel scale and shift (float32, or float64 for a float64 model)."""
+    dtype = torch.promote_types(bn.running_var.dtype, torch.float32)
+    scale = torch.rsqrt(bn.running_var.to(dtype) + bn.eps)
     if bn.weight is not None:
-        scale = scale * bn.weight.float()
-    shift = -bn.running_mean.float() * scale
+        scale = scale * bn.weight.to(dtype)
+    shift = -bn.running_mean.to(dtype) * scale
     if bn.bias is not None:
-        shift = shift + bn.bias.float()
+        shift = shift + bn.bias.to(dtype)
     return scale, shift
 
 
@@ -296,18 +323,19 @@ def _producer_forward(module, name, kind, ctx):
     mask = ctx["masks"].get(name)
     ones_in = torch.ones(members, module.weight.shape[1], dtype=torch.bool, device=ext.device)
     in_keep = ones_in
-    if name in plan.skip_inputs:
+    hooked = _hooked(module)  # a hook may change the input or look at the output: then compute them in full
+    if name in plan.skip_inputs and not hooked:
         in_keep = ext[:, plan.index(("in", name), axes[1], ext.device)]
     if mask is not None:
         out_keep = mask
-    elif units.traced and axes.get(0) is not None:  # redundant producer: its BatchNorm masks these channels
+    elif units.traced and axes.get(0) is not None and not hooked:  # redundant producer: its BatchNorm masks them
         out_keep = ext[:, plan.index(("out", name), axes[0], ext.device)]
     else:
         out_keep = torch.ones(members, module.weight.shape[0], dtype=torch.bool, device=ext.device)
     bn_name = plan.folds.get(name) if not ctx["batch_statistics"] else None
     bn = ctx["modules"][bn_name] if bn_name is not None else None
-    if bn is not None and bn.running_mean is None:
-        bn = None
+    if bn is not None and (bn.running_mean is None or not _routes_norm(bn, False) or _hooked(bn) or hooked):
+        bn = None  # fold only when this backend computes that BatchNorm and no hook could see the unfolded value
     base = type(module).forward
 
     def forward(x):
@@ -354,7 +382,8 @@ def _norm_forward(module, name, ctx):
         if not per_member:
             scale, shift = _bn_scale_shift(module)
             shape = (1, -1) + (1,) * (x.dim() - 2)
-            return masked(x, (x.float() * scale.view(shape) + shift.view(shape)).to(x.dtype))
+            wide = x.to(torch.promote_types(x.dtype, torch.float32))
+            return masked(x, (wide * scale.view(shape).to(wide.dtype) + shift.view(shape).to(wide.dtype)).to(x.dtype))
         if not _kernel_ready(x, members, (2, 3, 4, 5)):
             return masked(x, fallback(x))
         y = x if x.dim() in (2, 4) else x.reshape(x.shape[0], x.shape[1], -1, 1)
@@ -380,7 +409,7 @@ def _routed(model, units, states, batch_statistics, plan, ek):
     try:
         for name, m in modules.items():
             kind = _kind(m)
-            if kind or isinstance(m, _NORM):
+            if kind or _routes_norm(m, batch_statistics):
                 patched[m] = vars(m).get("forward")
                 m.forward = _producer_forward(m, name, kind, ctx) if kind else _norm_forward(m, name, ctx)
             elif name in masks:

@@ -13,6 +13,11 @@ O(B·|W|) for W̃, η and the autograd buffers. Linear runs as one batched matmu
 convolution with B·groups groups over the batch folded into channels: same FLOPs as the plain conv, but
 grouped-conv kernels are typically several times slower than a dense conv on GPU. Batch Bridgeout costs
 one noisy weight copy and one per-row sort of |W| per forward call.
+
+``backend="triton"`` computes W̃ (all B copies for Bridgeout) with the kernel of edropout_kernels.bridgeout,
+which stores no noise: the backward regenerates η from a seed drawn per forward call (kept in
+``bridgeout_last_seed`` so ``bridgeout_mask`` can read the draws out). The convolution / matmul itself is
+PyTorch's either way; the per-example copies still take O(B·|W|) memory for W̃ and its gradient.
 """
 from __future__ import annotations
 
@@ -23,6 +28,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from . import _backend
 from .sparseout import check_p_q, draw_keep_mask
 
 __all__ = [
@@ -96,21 +102,40 @@ class Bridgeout(nn.Module):
     layer, Batch ones included); the concrete Linear / Conv2d classes below supply `_noisy_forward`."""
 
     def __init__(self, *args, p: float = 0.3, q: float = 1.5,
-                 generator: Optional[torch.Generator] = None, **kwargs):
+                 generator: Optional[torch.Generator] = None, backend: str = "torch", **kwargs):
         super().__init__(*args, **kwargs)
-        self._configure(p=p, q=q, generator=generator)
+        self._configure(p=p, q=q, generator=generator, backend=backend)
 
-    def _configure(self, p: float, q: float, generator: Optional[torch.Generator] = None) -> None:
+    def _configure(self, p: float, q: float, generator: Optional[torch.Generator] = None,
+                   backend: str = "torch") -> None:
         check_p_q(p, q, type(self).__name__)
         self.bridgeout_p, self.bridgeout_q, self.bridgeout_generator = float(p), float(q), generator
+        self.bridgeout_backend = _backend.check_backend(backend, type(self).__name__)
+        self.bridgeout_last_seed = None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if not self.training or self.bridgeout_p == 0.0:
             return super().forward(x)
         return self._noisy_forward(x)
 
+    def draw_keep(self, shape: Sequence[int]) -> torch.Tensor:
+        """The torch backend's keep draws m, shaped `shape` (override to feed fixed draws)."""
+        return draw_keep_mask(shape, self.bridgeout_p, self.weight.device, self.bridgeout_generator)
+
+    def _noisy_weights(self, copies: Optional[int] = None, target: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """W̃ shaped like the weight, or (copies, *weight.shape), from the configured backend."""
+        p, q = self.bridgeout_p, self.bridgeout_q
+        if self.bridgeout_backend == "triton":
+            _backend.check_device(self.weight.device, type(self).__name__)
+            self.bridgeout_last_seed = _backend.draw_seed(self.bridgeout_generator)
+            return _backend.kernels()[1].bridgeout_weight_triton(self.weight, p, q, self.bridgeout_last_seed,
+                                                                 target=target, copies=copies)
+        shape = ((copies,) if copies is not None else ()) + tuple(self.weight.shape)
+        return bridgeout_weight(self.weight, p, q, keep=self.draw_keep(shape), target=target)
+
     def extra_repr(self) -> str:
-        return f"{super().extra_repr()}, p={self.bridgeout_p}, q={self.bridgeout_q}"
+        backend = ", backend='triton'" if self.bridgeout_backend == "triton" else ""
+        return f"{super().extra_repr()}, p={self.bridgeout_p}, q={self.bridgeout_q}{backend}"
 
 
 class BatchBridgeout(Bridgeout):
@@ -118,13 +143,13 @@ class BatchBridgeout(Bridgeout):
     own draw), applied to the τ share of smallest-|w| weights of each output unit."""
 
     def __init__(self, *args, p: float = 0.3, q: float = 1.5, tau: float = 0.75,
-                 generator: Optional[torch.Generator] = None, **kwargs):
-        super().__init__(*args, p=p, q=q, generator=generator, **kwargs)
-        self._configure(p=p, q=q, tau=tau, generator=generator)
+                 generator: Optional[torch.Generator] = None, backend: str = "torch", **kwargs):
+        super().__init__(*args, p=p, q=q, generator=generator, backend=backend, **kwargs)
+        self._configure(p=p, q=q, tau=tau, generator=generator, backend=backend)
 
     def _configure(self, p: float, q: float, tau: float = 0.75,
-                   generator: Optional[torch.Generator] = None) -> None:
-        super()._configure(p, q, generator)
+                   generator: Optional[torch.Generator] = None, backend: str = "torch") -> None:
+        super()._configure(p, q, generator, backend)
         if not 0.0 <= float(tau) <= 1.0:
             raise ValueError(f"{type(self).__name__}: tau={tau!r} is the targeted share of each filter's "
                              "weights; use 0 <= tau <= 1 (default 0.75).")
@@ -132,9 +157,7 @@ class BatchBridgeout(Bridgeout):
 
     def noisy_weight(self) -> torch.Tensor:
         """One draw of W̃ for the whole batch: noise only on the targeted (smallest-|w|) weights."""
-        target = smallest_magnitude_mask(self.weight, self.bridgeout_tau)
-        return bridgeout_weight(self.weight, self.bridgeout_p, self.bridgeout_q, target=target,
-                                generator=self.bridgeout_generator)
+        return self._noisy_weights(target=smallest_magnitude_mask(self.weight, self.bridgeout_tau))
 
     def extra_repr(self) -> str:
         return f"{super().extra_repr()}, tau={self.bridgeout_tau}"
@@ -146,8 +169,7 @@ class BridgeoutLinear(Bridgeout, nn.Linear):
     def _noisy_forward(self, x: torch.Tensor) -> torch.Tensor:
         batch = 1 if x.dim() == 1 else x.shape[0]
         xb = x.reshape(batch, -1, self.in_features)                       # (B, T, in)
-        w = bridgeout_weight(self.weight, self.bridgeout_p, self.bridgeout_q, copies=batch,
-                             generator=self.bridgeout_generator)         # (B, out, in)
+        w = self._noisy_weights(copies=batch)                            # (B, out, in)
         y = torch.bmm(xb, w.transpose(1, 2))
         if self.bias is not None:
             y = y + self.bias
@@ -161,8 +183,7 @@ class BridgeoutConv2d(Bridgeout, nn.Conv2d):
         unbatched = x.dim() == 3
         xb = x.unsqueeze(0) if unbatched else x
         b = xb.shape[0]
-        w = bridgeout_weight(self.weight, self.bridgeout_p, self.bridgeout_q, copies=b,
-                             generator=self.bridgeout_generator)         # (B, out, in/g, kh, kw)
+        w = self._noisy_weights(copies=b)                                # (B, out, in/g, kh, kw)
         bias = None if self.bias is None else self.bias.repeat(b)
         y = _conv2d(self, xb.reshape(1, b * xb.shape[1], *xb.shape[2:]),
                     w.reshape(b * self.out_channels, *w.shape[2:]), bias, b * self.groups)
@@ -226,22 +247,24 @@ def _apply(model, kind, layers, **config) -> List[str]:
 
 def apply_bridgeout(model: nn.Module, p: float = 0.3, q: float = 1.5,
                     layers: Optional[Sequence[Union[str, nn.Module]]] = None,
-                    generator: Optional[torch.Generator] = None) -> List[str]:
+                    generator: Optional[torch.Generator] = None, backend: str = "torch") -> List[str]:
     """Turn the chosen Linear/Conv2d layers (default: all but the last, the classifier) into per-example
-    Bridgeout layers in place; returns their names."""
+    Bridgeout layers in place; returns their names. backend="triton" draws W̃ with the Triton kernel."""
     check_p_q(p, q, "apply_bridgeout")
-    return _apply(model, "bridgeout", layers, p=p, q=q, generator=generator)
+    _backend.check_backend(backend, "apply_bridgeout")
+    return _apply(model, "bridgeout", layers, p=p, q=q, generator=generator, backend=backend)
 
 
 def apply_batch_bridgeout(model: nn.Module, p: float = 0.3, q: float = 1.5, tau: float = 0.75,
                           layers: Optional[Sequence[Union[str, nn.Module]]] = None,
-                          generator: Optional[torch.Generator] = None) -> List[str]:
+                          generator: Optional[torch.Generator] = None, backend: str = "torch") -> List[str]:
     """Turn the chosen Linear/Conv2d layers (default: all but the last, the classifier) into Batch
-    Bridgeout layers in place; returns their names."""
+    Bridgeout layers in place; returns their names. backend="triton" draws W̃ with the Triton kernel."""
     check_p_q(p, q, "apply_batch_bridgeout")
     if not 0.0 <= tau <= 1.0:
         raise ValueError(f"apply_batch_bridgeout: tau={tau!r} must lie in [0, 1] (default 0.75).")
-    return _apply(model, "batch", layers, p=p, q=q, tau=tau, generator=generator)
+    _backend.check_backend(backend, "apply_batch_bridgeout")
+    return _apply(model, "batch", layers, p=p, q=q, tau=tau, generator=generator, backend=backend)
 
 
 def remove_bridgeout(model: nn.Module) -> List[str]:
@@ -252,7 +275,8 @@ def remove_bridgeout(model: nn.Module) -> List[str]:
         base = _BASE_OF.get(type(module))
         if base is None:
             continue
-        for attr in ("bridgeout_p", "bridgeout_q", "bridgeout_tau", "bridgeout_generator"):
+        for attr in ("bridgeout_p", "bridgeout_q", "bridgeout_tau", "bridgeout_generator", "bridgeout_backend",
+                     "bridgeout_last_seed"):
             module.__dict__.pop(attr, None)
         module.__class__ = base
         restored.append(name)

@@ -3,6 +3,9 @@
 Train: y = x + sign(x)·|x|^{q/2}·η with η = m/(1−p) − 1, m ~ Bernoulli(1−p) per element; eval: identity.
 q = 2 is inverted dropout (bit for bit); q < 2 acts as an L_q penalty on the activations. The backward
 pass multiplies the incoming gradient by the noise factor f = 1 + |x|^{(q−2)/2}·η held constant.
+
+The layer's ``backend="triton"`` runs the same maths in the Triton kernel of edropout_kernels.sparseout, whose
+noise is regenerated from a seed in the backward (no stored mask): same distribution, different draws.
 """
 from __future__ import annotations
 
@@ -11,6 +14,8 @@ from typing import Optional, Sequence
 
 import torch
 from torch import nn
+
+from . import _backend
 
 __all__ = ["Sparseout", "sparseout", "draw_keep_mask", "check_p_q", "sparseout_grad_factor"]
 
@@ -92,16 +97,33 @@ def sparseout(x: torch.Tensor, p: float = 0.5, q: float = 2.0, training: bool = 
 class Sparseout(nn.Module):
     """Drop-in replacement for nn.Dropout applying Sparseout noise in training mode, identity in eval.
 
-    `generator` (optional, on the input's device) makes the draws reproducible; default: global RNG.
+    `generator` (optional) makes the draws reproducible; default: global RNG. With backend="torch" it draws
+    the keep masks (so it must live on the input's device); with backend="triton" it draws one Philox seed
+    per forward call, kept in `last_seed` so that `edropout_kernels.sparseout.sparseout_mask` can read the
+    draws out. "triton" needs a CUDA input, or a CPU input under TRITON_INTERPRET=1 (tests).
     """
 
-    def __init__(self, p: float = 0.5, q: float = 2.0, generator: Optional[torch.Generator] = None):
+    def __init__(self, p: float = 0.5, q: float = 2.0, generator: Optional[torch.Generator] = None,
+                 backend: str = "torch"):
         super().__init__()
         check_p_q(p, q, "Sparseout")
         self.p, self.q, self.generator = float(p), float(q), generator
+        self.backend = _backend.check_backend(backend, "Sparseout")
+        self.last_seed: Optional[int] = None
+
+    def draw_keep(self, shape: Sequence[int], device) -> torch.Tensor:
+        """The torch backend's keep draws m for an input of `shape` (override to feed fixed draws)."""
+        return draw_keep_mask(shape, self.p, device, self.generator)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return sparseout(x, self.p, self.q, self.training, generator=self.generator)
+        if not self.training or self.p == 0.0:
+            return x
+        if self.backend == "triton":
+            _backend.check_device(x.device, "Sparseout")
+            self.last_seed = _backend.draw_seed(self.generator)
+            return _backend.kernels()[0].sparseout_triton(x, self.p, self.q, self.last_seed)
+        return sparseout(x, self.p, self.q, True, mask=self.draw_keep(x.shape, x.device))
 
     def extra_repr(self) -> str:
-        return f"p={self.p}, q={self.q}"
+        backend = ", backend='triton'" if self.backend == "triton" else ""
+        return f"p={self.p}, q={self.q}{backend}"
