@@ -11,15 +11,22 @@ import torch
 from . import batched, reference, triton
 
 SCORERS = {"reference": reference.score, "batched": batched.score, "triton": triton.score}
+SCORERS["compact"] = importlib.import_module(f"{__name__}.compact").score
 BACKENDS = tuple(SCORERS) + ("auto",)
 
 
-def resolve_backend(name: str, device: torch.device) -> str:
-    """Validate a backend name and resolve ``auto`` for the device."""
+def resolve_backend(name: str, device: torch.device, *, model=None, units=None, states=None, x=None) -> str:
+    """Validate a backend name and resolve ``auto`` for the device. On CPU, given the ``model``, its ``units``,
+    the ``states`` to score and the batch ``x``, auto picks "compact" or "batched" by the measured cost rule of
+    ``backends/auto.py``; without them it picks "compact" (the rule's choice for the engine's nets at batch 128)."""
     if name not in BACKENDS:
         raise ValueError(f"unknown backend {name!r}: use one of {BACKENDS}")
     if name == "auto" and torch.device(device).type == "cuda" and importlib.util.find_spec("triton"):
         return "triton"  # kept-channel kernels on CUDA when Triton is installed
+    if name == "auto" and torch.device(device).type == "cpu":
+        if model is None or units is None or states is None or x is None:
+            return "compact"
+        return importlib.import_module(f"{__name__}.auto").choose(model, units, states, x)
     return "batched" if name == "auto" else name
 
 

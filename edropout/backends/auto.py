@@ -1,0 +1,71 @@
+"""``backend="auto"`` on CPU: the compact backend when a member's kept work is large enough to pay for its
+per-op interpreter overhead, else the batched backend.
+
+Cost model (population of S members, batch B, dense multiply-adds per sample M, kept share of those
+multiply-adds ρ, per-member steps n of the compact plan):
+    compact ≈ S · (B·M·ρ·c + n·t)          batched ≈ S · B·M·c·r
+c is the compact backend's cost per kept multiply-add, r how many times more the batched backend pays per dense
+multiply-add, t the compact interpreter's cost per step. Compact wins when  B·M·(r − ρ) > n·t/c ; S cancels.
+The rule reads only the cached plan and the states: well under a millisecond per call.
+
+Measurement (``python benchmarks/cpu_table.py --calibrate-only``; AMD EPYC, AVX2, 2 torch threads, machine
+shared with other jobs, so ratios of interleaved runs): q = compact time / batched time at S = 8,
+k = 1.0 / 0.5 / 0.25 (exact keep fractions), 28×28 grey input:
+                                B=2             B=8             B=32            B=128
+    lenet    (M=3.0e6, n=13)   1.21 1.78 1.80  0.59 0.91 0.84  0.46 0.48 0.36  0.33 0.26 0.20
+    resnet18 (M=2.9e7, n=68)   1.48 2.08 1.89  0.79 0.90 0.80  0.32 0.28 0.27  0.20 0.18 0.13
+A relative-error least-squares fit of q = ρ/r + (t/c)/r · n/(B·M) gives r = 3.6 and t/c = 3.5e6 multiply-adds
+per step; with them the rule picks the measured winner in 24 of 24 cases. A second run (the full table, 36
+cases) refits r = 4.8, t/c = 7.7e6; the constants in use pick the winner in 33 of 36 there, the misses at B = 8
+with k < 1, where the two backends are within 1.0-1.44× of each other. Batched only wins at a few samples per
+batch (and on the 8×8 test nets), where the interpreter's per-op cost dominates. The batched backend
+is slower per multiply-add than one-member-at-a-time on this CPU (one S·B-row NCHW forward with mask multiplies
+and per-member statistics, against oneDNN channels-last convolutions on B rows).
+"""
+from __future__ import annotations
+
+import torch
+
+from . import compact
+from ._compact_plan import CompactUnsupported
+
+# r: batched cost per dense multiply-add over compact cost per kept multiply-add
+MEASURED_RATIO = 3.6
+# t/c: the compact interpreter's cost of one per-member step, in kept multiply-adds
+MEASURED_STEP_MACS = 3.5e6
+
+
+def kept_mac_fraction(plan, units, states: torch.Tensor) -> float:
+    """ρ: mean over members of the share of the dense Conv/Linear multiply-adds that a compact forward still does
+    (kept input channels × kept output channels of every layer, weighted by the layer's multiply-adds)."""
+    ext = units.extended(states.reshape(-1, units.num_units).cpu()).float()
+    axes = {pa.name: pa.axes for pa in units.param_axes}
+    total = kept = 0.0
+    for name, macs in plan.layer_macs.items():
+        share = torch.ones(ext.shape[0])
+        for dim, index in axes.get(f"{name}.weight" if name else "weight", {}).items():
+            if dim in (0, 1):
+                share = share * ext[:, index].mean(dim=1)
+        total += macs
+        kept += macs * float(share.mean())
+    return kept / total if total else 1.0
+
+
+def features(model, units, states: torch.Tensor, x: torch.Tensor, batch_statistics: bool = True):
+    """(B·M, ρ, n) for the rule, or None when the compact backend would fall back to batched anyway."""
+    plan = compact.plan_for(model, units, x, batch_statistics)
+    if isinstance(plan, CompactUnsupported):
+        return None
+    return x.shape[0] * sum(plan.layer_macs.values()), kept_mac_fraction(plan, units, states), len(plan.member)
+
+
+def choose(model, units, states: torch.Tensor, x: torch.Tensor, batch_statistics: bool = True,
+           ratio: float = None, step_macs: float = None) -> str:
+    """"compact" or "batched" for this model, population and batch, by the cost model above."""
+    found = features(model, units, states, x, batch_statistics)
+    if found is None:
+        return "batched"
+    work, rho, steps = found
+    ratio = MEASURED_RATIO if ratio is None else ratio
+    step_macs = MEASURED_STEP_MACS if step_macs is None else step_macs
+    return "compact" if work * (ratio - rho) > steps * step_macs else "batched"

@@ -1,0 +1,96 @@
+"""The compact backend: each member runs on its kept channels only, so a member with kept fraction k costs about
+k² of a dense forward (kept inputs × kept outputs of every layer) instead of a full masked forward.
+
+The model is traced once with torch.fx (``_compact_plan``); per call, every member's graph is interpreted on
+channel-compact tensors (``_compact_exec``, ``_compact_values``): Conv/Linear on gathered weights
+W[kept_out][:, kept_in] (cached per call, shared by members with the same kept channels), BatchNorm with the
+member's own batch statistics (or running statistics folded into the conv before it), residual adds, concats,
+pooling and flatten carrying the kept channel lists, and any other op on the tensor scattered back to full width
+(always exact, just slower). Convolutions run channels-last with channel counts padded to multiples of 8 (zero
+channels), oneDNN's fast path; work that no state affects (e.g. the first conv) is done once per call; ReLUs
+and residual adds overwrite fresh tensors in place; identical states are scored once.
+
+Energies equal the reference backend's to float tolerance (different summation order only). Where the model
+cannot be interpreted exactly (fx tracing fails, a mask point is not a called module, in-place writes into
+values that other ops read, forward hooks), the batched backend scores instead, with a one-time warning.
+"""
+from __future__ import annotations
+
+import warnings
+import weakref
+
+import torch
+import torch.nn as nn
+
+from . import batched
+from ..energy import member_energies
+from ._compact_exec import run
+from ._compact_plan import CompactUnsupported, build_plan
+
+# Score each distinct state once: late in training the population holds many copies of the same state.
+# (Benchmarks turn this off so that every backend computes all S members.)
+DEDUPLICATE = True
+
+# model -> {batch_statistics: Plan or CompactUnsupported}; entries die with the model
+_PLANS: "weakref.WeakKeyDictionary[nn.Module, dict]" = weakref.WeakKeyDictionary()
+
+
+def plan_for(model: nn.Module, units, x: torch.Tensor, batch_statistics: bool):
+    """The cached plan of ``model`` for ``units``, or the ``CompactUnsupported`` explaining why there is none."""
+    entry = _PLANS.setdefault(model, {})
+    found = entry.get(batch_statistics)
+    if found is None or (not isinstance(found, CompactUnsupported) and found.units is not units):
+        try:
+            found = build_plan(model, units, x[:2], batch_statistics)
+        except CompactUnsupported as exc:
+            found = exc
+            if not entry.get("warned"):
+                warnings.warn(f"compact backend: {exc}; scoring with the batched backend instead", RuntimeWarning,
+                              stacklevel=4)
+                entry["warned"] = True
+        entry[batch_statistics] = found
+    return found
+
+
+def supported(model: nn.Module, units, x: torch.Tensor, batch_statistics: bool = True) -> bool:
+    """Whether ``score`` runs the compact interpreter (True) or falls back to the batched backend (False)."""
+    return not isinstance(plan_for(model, units, x, batch_statistics), CompactUnsupported) and \
+        not _has_hooks(model, plan_for(model, units, x, batch_statistics))
+
+
+def _has_hooks(model, plan) -> bool:
+    """User hooks on modules the interpreter bypasses (Conv/Linear/BatchNorm are run functionally)."""
+    if nn.modules.module._global_forward_hooks or nn.modules.module._global_forward_pre_hooks:
+        return True
+    modules = dict(model.named_modules())
+    return any(modules[name]._forward_hooks or modules[name]._forward_pre_hooks for name in plan.modules)
+
+
+def score(model, units, states, x, y, energy_fn, batch_statistics=True, max_members=None):
+    """Energies [S], one compact forward per distinct state. ``max_members`` is accepted for the common backend
+    signature; the compact path already holds only one member's activations at a time."""
+    plan = plan_for(model, units, x, batch_statistics)
+    if isinstance(plan, CompactUnsupported) or _has_hooks(model, plan):
+        if not isinstance(plan, CompactUnsupported):
+            entry = _PLANS[model]
+            if not entry.get("warned_hooks"):
+                warnings.warn("compact backend: the model has forward hooks, which the compact interpreter would "
+                              "bypass; scoring with the batched backend instead", RuntimeWarning, stacklevel=3)
+                entry["warned_hooks"] = True
+        return batched.score(model, units, states, x, y, energy_fn, batch_statistics, max_members)
+    if DEDUPLICATE:
+        distinct, inverse = torch.unique(states.bool(), dim=0, return_inverse=True)
+    else:
+        distinct, inverse = states.bool(), torch.arange(states.shape[0], device=states.device)
+    modes = {m: m.training for m in model.modules()}
+    model.eval()
+    try:
+        with torch.no_grad():
+            logits = torch.stack(run(plan, model, distinct, x, batch_statistics))
+    finally:
+        for m, mode in modes.items():
+            m.training = mode
+    # one energy call over all members' rows, member-major in the caller's order, exactly as the batched backend
+    members = states.shape[0]
+    rows = logits.index_select(0, inverse.to(logits.device)).flatten(0, 1)
+    return member_energies(energy_fn, rows, y.repeat(members), members)

@@ -1,0 +1,210 @@
+"""The compact backend gives the reference energies (train- and eval-mode scoring, extreme states, odd ops), the
+auto rule never changes energies, and a model fx cannot trace falls back to the batched backend with one warning."""
+import copy
+import warnings
+
+import pytest
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from edropout import EDropout
+from edropout.backends import SCORERS, auto, compact, resolve_backend
+from edropout.backends import _compact_plan
+from nets import NETS, randomise_bn, small_net
+
+TOL = dict(rtol=1e-5, atol=1e-5)
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    """Tiny tensors: one thread gives the same numbers and avoids OpenMP barrier stalls on a shared machine."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def _states(pruner, seed=3, members=6, keep=0.6):
+    """Random states plus all-kept, all-pruned, and one state per group (first few) with that whole group pruned."""
+    g = torch.Generator().manual_seed(seed)
+    states = torch.rand(members, pruner.num_units, generator=g) < keep
+    states[0] = True
+    states[1] = False
+    whole = []
+    for group in pruner.units.groups[:4]:
+        s = torch.rand(pruner.num_units, generator=g) < keep
+        s[group.first_bit:group.first_bit + group.size] = False
+        whole.append(s)
+    return torch.cat([states, torch.stack(whole)])
+
+
+def _pair(pruner, states, x, y):
+    ref = SCORERS["reference"](pruner.model, pruner.units, states, x, y, pruner.energy_fn, pruner.batch_statistics)
+    fast = SCORERS["compact"](pruner.model, pruner.units, states, x, y, pruner.energy_fn, pruner.batch_statistics)
+    return ref, fast
+
+
+@pytest.mark.parametrize("name", NETS + ("concat",))
+@pytest.mark.parametrize("eval_mode", [False, True])
+def test_compact_equals_reference(name, eval_mode, batch):
+    x, y = batch
+    model = randomise_bn(small_net(name))
+    pruner = EDropout(model, x[:2], backend="compact", score_in_eval_mode=eval_mode)
+    assert compact.supported(model, pruner.units, x, pruner.batch_statistics)  # really the compact path
+    states = _states(pruner)
+    ref, fast = _pair(pruner, states, x, y)
+    assert torch.isfinite(ref).all()
+    assert torch.allclose(ref, fast, **TOL)
+    assert len(set(ref.tolist())) > 2
+
+
+def test_duplicate_states_scored_once_and_in_order(batch, monkeypatch):
+    x, y = batch
+    pruner = EDropout(randomise_bn(small_net("resnet18")), x[:2], backend="compact")
+    base = _states(pruner)
+    states = torch.cat([base, base.flip(0), base[:3]])
+    scored = []
+    run = compact.run
+    monkeypatch.setattr(compact, "run", lambda plan, model, s, *a: scored.append(len(s)) or run(plan, model, s, *a))
+    ref, fast = _pair(pruner, states, x, y)
+    assert scored == [len(torch.unique(base, dim=0))]
+    assert torch.allclose(ref, fast, **TOL)
+
+
+class OddNet(nn.Module):
+    """Ops the compact interpreter does not carry channels through (sigmoid, a depthwise conv), channel gating by
+    a dense tensor, a concat with a dense branch, size queries and a view, a residual add, Linear→BatchNorm1d."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(1, 16, 3, padding=1)
+        self.bn = nn.BatchNorm2d(16)
+        self.gate = nn.Linear(16, 16)
+        self.dw = nn.Conv2d(16, 16, 3, padding=1, groups=16)
+        self.conv2 = nn.Conv2d(16, 16, 1)
+        self.side = nn.Conv2d(1, 3, 1)
+        self.fc = nn.Linear(19 * 4 * 4, 12)
+        self.bn1d = nn.BatchNorm1d(12)
+        self.out = nn.Linear(12, 4)
+
+    def forward(self, x):
+        h = F.relu(self.bn(self.conv(x)))
+        s = torch.sigmoid(self.gate(h.mean((2, 3))))
+        h = h * s.view(h.size(0), h.shape[1], 1, 1)
+        h = h + torch.sigmoid(h)
+        h = self.conv2(self.dw(h)) + h
+        h = torch.cat([h, torch.tanh(self.side(x))], dim=1)
+        h = F.max_pool2d(h, 2)
+        z = F.relu(self.bn1d(self.fc(h.view(h.size(0), -1))))
+        return self.out(z * 2.0)
+
+
+@pytest.mark.parametrize("eval_mode", [False, True])
+def test_unusual_ops_fall_back_to_dense_exactly(eval_mode, batch):
+    x, y = batch
+    torch.manual_seed(0)
+    model = randomise_bn(OddNet())
+    pruner = EDropout(model, x[:2], backend="compact", score_in_eval_mode=eval_mode)
+    kinds = {s.kind for s in compact.plan_for(model, pruner.units, x, pruner.batch_statistics).member}
+    assert {"function", "module", "cat", "view", "select", "binary"} <= kinds  # the dense paths are exercised
+    assert compact.supported(model, pruner.units, x, pruner.batch_statistics)
+    ref, fast = _pair(pruner, _states(pruner), x, y)
+    assert torch.allclose(ref, fast, **TOL)
+
+
+def test_compact_leaves_model_untouched(batch):
+    x, y = batch
+    model = randomise_bn(small_net("resnet18")).train()
+    before = copy.deepcopy(model.state_dict())
+    pruner = EDropout(model, x[:2], backend="compact")
+    pruner.energies(x, y)
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+    assert all(m.training for m in model.modules())
+    assert not any(m._forward_hooks for m in model.modules())
+
+
+def test_fallback_when_fx_cannot_trace(batch, monkeypatch):
+    x, y = batch
+    model = randomise_bn(small_net("resnet18"))
+
+    def fail(_model):
+        raise RuntimeError("symbolically traced variables cannot be used as inputs to control flow")
+
+    monkeypatch.setattr(_compact_plan.fx, "symbolic_trace", fail)
+    pruner = EDropout(model, x[:2], backend="compact")
+    states = _states(pruner)
+    with pytest.warns(RuntimeWarning, match="batched backend"):
+        fast = pruner.score_states(states, x, y)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # warned once per model
+        again = pruner.score_states(states, x, y)
+    assert not compact.supported(model, pruner.units, x)
+    ref, _ = _pair(pruner, states, x, y)
+    assert torch.allclose(ref, fast, **TOL) and torch.allclose(ref, again, **TOL)
+
+
+def test_fallback_when_model_has_hooks(batch):
+    x, y = batch
+    model = randomise_bn(small_net("lenet"))
+    pruner = EDropout(model, x[:2], backend="compact")
+    seen = []
+    model.features[0].register_forward_hook(lambda m, i, o: seen.append(1))
+    states = _states(pruner)
+    with pytest.warns(RuntimeWarning, match="hooks"):
+        fast = pruner.score_states(states, x, y)
+    assert seen  # the user's hook ran, as it does for the reference
+    ref, _ = _pair(pruner, states, x, y)
+    assert torch.allclose(ref, fast, **TOL)
+
+
+@pytest.mark.parametrize("name", ["mlp", "resnet18", "concat"])
+@pytest.mark.parametrize("keep", [0.1, 0.5, 1.0])
+def test_auto_never_changes_energies(name, keep, batch):
+    x, y = batch
+    model = randomise_bn(small_net(name))
+    pruner = EDropout(model, x[:2], backend="reference")
+    g = torch.Generator().manual_seed(5)
+    states = torch.rand(8, pruner.num_units, generator=g) < keep
+    choice = resolve_backend("auto", torch.device("cpu"), model=model, units=pruner.units, states=states, x=x)
+    assert choice in ("batched", "compact")
+    ref, _ = _pair(pruner, states, x, y)
+    picked = SCORERS[choice](model, pruner.units, states, x, y, pruner.energy_fn, True)
+    assert torch.allclose(ref, picked, **TOL)
+    pruner.backend = resolve_backend("auto", torch.device("cpu"))
+    assert torch.allclose(ref, pruner.score_states(states, x, y), **TOL)
+
+
+def test_auto_rule_follows_work_and_kept_fraction(batch):
+    x, y = batch
+    model = small_net("resnet18")
+    pruner = EDropout(model, x[:2], backend="reference")
+    full = torch.ones(8, pruner.num_units, dtype=torch.bool)
+    half = torch.rand(8, pruner.num_units, generator=torch.Generator().manual_seed(0)) < 0.5
+    work, rho, steps = auto.features(model, pruner.units, half, x)
+    assert work == x.shape[0] * sum(compact.plan_for(model, pruner.units, x, True).layer_macs.values())
+    assert 0.1 < rho < 0.5 and auto.features(model, pruner.units, full, x)[1] == 1.0
+    # with a step cost of exactly the work this batch does per member, only a small enough kept share wins
+    costs = dict(ratio=1.5, step_macs=work / steps)
+    assert auto.choose(model, pruner.units, half, x, **costs) == "compact"
+    assert auto.choose(model, pruner.units, full, x, **costs) == "batched"
+    assert auto.choose(model, pruner.units, full, x.repeat(8, 1, 1, 1), **costs) == "compact"  # 8× the work
+
+
+def test_resolve_backend_auto():
+    assert resolve_backend("auto", torch.device("cpu")) == "compact"
+    assert resolve_backend("auto", torch.device("cuda")) in ("batched", "triton")  # CUDA is not this rule's business
+    assert resolve_backend("compact", torch.device("cuda")) == "compact"
+    with pytest.raises(ValueError):
+        resolve_backend("fast", torch.device("cpu"))
+
+
+@pytest.mark.parametrize("name", ["resnet18", "squeezenet"])
+def test_compact_without_channel_padding(name, batch, monkeypatch):
+    from edropout.backends import _compact_values
+
+    monkeypatch.setattr(_compact_values, "CHANNEL_MULTIPLE", 1)
+    x, y = batch
+    pruner = EDropout(randomise_bn(small_net(name)), x[:2], backend="compact")
+    ref, fast = _pair(pruner, _states(pruner), x, y)
+    assert torch.allclose(ref, fast, **TOL)
