@@ -40,7 +40,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--mutation-factor", type=float, default=0.9)
     p.add_argument("--crossover-rate", type=float, default=0.9)
     p.add_argument("--energy", default="margin", choices=ENERGIES)
-    p.add_argument("--backend", default="auto", choices=("auto", "reference", "batched"))
+    p.add_argument("--backend", default="auto", choices=("auto", "reference", "batched", "compact", "triton"))
     p.add_argument("--min-iterations", type=int, default=None,
                    help="iterations before the state may freeze (default: half of the run)")
     p.add_argument("--patience", type=int, default=10, help="freeze once the best state is unchanged this long")

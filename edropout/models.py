@@ -12,6 +12,17 @@ def _flat_size(features: nn.Module, in_channels: int, input_size: int) -> int:
         return features(torch.zeros(1, in_channels, input_size, input_size)).numel()
 
 
+def he_init(model: nn.Module) -> nn.Module:
+    """He (Kaiming) normal initialisation for ReLU nets: PyTorch's default shrinks activations layer after layer,
+    and the deep plain (BatchNorm-free) nets then do not train at narrow widths."""
+    for m in model.modules():
+        if isinstance(m, (nn.Conv2d, nn.Linear)):
+            nn.init.kaiming_normal_(m.weight, nonlinearity="relu")
+            if m.bias is not None:
+                nn.init.zeros_(m.bias)
+    return model
+
+
 class MLP(nn.Module):
     """Two hidden layers of ``width`` features."""
 
@@ -139,4 +150,4 @@ def build_model(name: str, in_channels: int = 1, input_size: int = 28, num_class
     """A fresh model by name; ``width`` scales every layer (default per model in ``DEFAULT_WIDTH``)."""
     if name not in MODELS:
         raise ValueError(f"unknown model {name!r}: use one of {sorted(MODELS)}")
-    return MODELS[name](in_channels, input_size, num_classes, width or DEFAULT_WIDTH[name])
+    return he_init(MODELS[name](in_channels, input_size, num_classes, width or DEFAULT_WIDTH[name]))

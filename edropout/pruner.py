@@ -58,6 +58,7 @@ class EDropout:
         self.crossover_rate = evo.check_probability("crossover_rate", crossover_rate)
         self.energy_fn = resolve_energy(energy)
         self.device = next(model.parameters()).device
+        self.requested_backend = backend
         self.backend = resolve_backend(backend, self.device)
         if min_iterations < 0 or patience < 1:
             raise ValueError(f"min_iterations must be >= 0 and patience >= 1, got {min_iterations} and {patience}")
@@ -102,7 +103,11 @@ class EDropout:
         """Energies [N] of arbitrary states [N, D] on a batch; the model is left untouched."""
         self._check_batch(x, y)
         states = states.reshape(-1, self.num_units).to(self.device).bool()
-        return score(self.backend, self.model, self.units, states, x, y, self.energy_fn,
+        backend = self.backend
+        if self.requested_backend == "auto" and self.device.type == "cpu":
+            # the measured CPU rule: compact or batched for this model, population and batch (sub-millisecond)
+            backend = resolve_backend("auto", self.device, model=self.model, units=self.units, states=states, x=x)
+        return score(backend, self.model, self.units, states, x, y, self.energy_fn,
                      self.batch_statistics, self.max_members_per_pass)
 
     def energies(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:

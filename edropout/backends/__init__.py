@@ -8,10 +8,10 @@ import importlib.util
 
 import torch
 
-from . import batched, reference, triton
+from . import auto, batched, compact, reference, triton
 
-SCORERS = {"reference": reference.score, "batched": batched.score, "triton": triton.score}
-SCORERS["compact"] = importlib.import_module(f"{__name__}.compact").score
+SCORERS = {"reference": reference.score, "batched": batched.score, "compact": compact.score,
+           "triton": triton.score}
 BACKENDS = tuple(SCORERS) + ("auto",)
 
 
@@ -26,7 +26,7 @@ def resolve_backend(name: str, device: torch.device, *, model=None, units=None, 
     if name == "auto" and torch.device(device).type == "cpu":
         if model is None or units is None or states is None or x is None:
             return "compact"
-        return importlib.import_module(f"{__name__}.auto").choose(model, units, states, x)
+        return auto.choose(model, units, states, x)
     return "batched" if name == "auto" else name
 
 
