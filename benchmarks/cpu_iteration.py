@@ -41,20 +41,22 @@ def _paths(net, members_list, x, y):
         loss.backward()
         plain_opt.step()
 
-    paths = {"plain": plain}
-    converged = None
-    for members in members_list:
+    def evolving(members):
         torch.manual_seed(0)
         model = build_model(net, 1, SIZE, CLASSES)
         opt = _optimizer(model)
         pruner = EDropout(model, x[:2], population_size=members, init_keep=KEEP, min_iterations=10 ** 9)
+        return pruner, opt
+
+    paths = {"plain": plain}
+    for members in members_list:
+        pruner, opt = evolving(members)
         paths[f"edropout_S{members}"] = lambda p=pruner, o=opt: p.step(x, y, o)
-        converged = (pruner, opt)
-    pruner, opt = converged
-    pruner.step(x, y, opt)
-    pruner.finalize()
-    paths["converged"] = lambda: pruner.step(x, y, opt)
-    return paths, pruner.pruning_rate
+    frozen, frozen_opt = evolving(members_list[0])
+    frozen.step(x, y, frozen_opt)
+    frozen.finalize()  # from here on each step trains the compact network
+    paths["converged"] = lambda: frozen.step(x, y, frozen_opt)
+    return paths, frozen.pruning_rate
 
 
 def measure(net, members_list, rounds):
@@ -99,7 +101,7 @@ def main(argv=None):
     args = parser.parse_args(argv)
     torch.set_num_threads(THREADS)
     rows = [measure(net, args.members, args.rounds) for net in args.nets]
-    meta = run_metadata()
+    meta = run_metadata("cpu_iteration", torch.device("cpu"))
     os.makedirs(args.out, exist_ok=True)
     with open(os.path.join(args.out, "cpu_iteration.json"), "w") as f:
         json.dump({"meta": meta, "rows": rows}, f, indent=2)
