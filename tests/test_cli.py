@@ -74,7 +74,7 @@ def test_missing_fashion_mnist_says_how_to_install(tmp_path):
         load_fashion_mnist(str(tmp_path / "nowhere"))
 
 
-def test_unknown_names_are_clear_errors():
+def test_unknown_names_are_rejected_with_a_clear_message():
     with pytest.raises(ValueError, match="unknown model"):
         build_model("vgg99")
     with pytest.raises(ValueError, match="unknown data set"):

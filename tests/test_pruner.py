@@ -152,12 +152,12 @@ def test_rescoring_parents_scores_both(batch):
     ({"energy": "entropy"}, "unknown energy"),
     ({"backend": "cuda-magic"}, "unknown backend"),
 ])
-def test_bad_arguments_are_clear_errors(kwargs, match, batch):
+def test_bad_arguments_are_rejected_with_a_clear_message(kwargs, match, batch):
     with pytest.raises(ValueError, match=match):
         EDropout(small_net("lenet"), batch[0][:2], **kwargs)
 
 
-def test_bad_batches_are_clear_errors(batch):
+def test_bad_batches_are_rejected_with_a_clear_message(batch):
     x, y = batch
     model, pruner = _pruner("lenet", x=x)
     optimizer = torch.optim.SGD(model.parameters(), lr=0.01)

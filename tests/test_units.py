@@ -62,12 +62,12 @@ def test_unit_parameters_match_single_removals(batch):
     assert units.total_parameters == sum(p.numel() for p in model.parameters())
 
 
-def test_no_prunable_units_is_a_clear_error(batch):
+def test_no_prunable_units_is_a_rejected_with_a_clear_message(batch):
     with pytest.raises(ValueError, match="no prunable units"):
         EDropout(nn.Sequential(nn.Flatten(), nn.Linear(64, 10)), batch[0][:2])
 
 
-def test_unknown_ignored_layer_is_a_clear_error(batch):
+def test_unknown_ignored_layer_is_a_rejected_with_a_clear_message(batch):
     with pytest.raises(ValueError, match="not a module of this model"):
         discover_units(small_net("mlp"), batch[0][:2], ignored_layers=["nope"])
 

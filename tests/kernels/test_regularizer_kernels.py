@@ -107,7 +107,7 @@ def test_bridgeout_kernel_stores_no_noise():
     assert all(t.numel() <= w.numel() for t in out.grad_fn.saved_tensors)  # never the (4, 5, 7) noise
 
 
-def test_kernel_argument_errors():
+def test_kernel_arguments_are_checked():
     x = _input((4, 4))
     with pytest.raises(ValueError, match="0 <= p < 1"):
         sparseout_triton(x, 1.0, 1.5, 0)
