@@ -8,14 +8,19 @@ from ..energy import member_energies
 from ..masking import scoring
 
 
-def score(model, units, states, x, y, energy_fn, batch_statistics=True, max_members=None):
-    """Energies [S]: the population in forwards of up to ``max_members`` members (all at once by default)."""
+def member_chunks(states, x, max_members=None):
+    """(states, member count, input repeated member-major) for forwards of up to ``max_members`` members."""
     chunk = max_members or states.shape[0]
-    out = []
     for start in range(0, states.shape[0], chunk):
         part = states[start:start + chunk]
         members = part.shape[0]
-        xs = x.repeat((members,) + (1,) * (x.dim() - 1))
+        yield part, members, x.repeat((members,) + (1,) * (x.dim() - 1))
+
+
+def score(model, units, states, x, y, energy_fn, batch_statistics=True, max_members=None):
+    """Energies [S]: the population in forwards of up to ``max_members`` members (all at once by default)."""
+    out = []
+    for part, members, xs in member_chunks(states, x, max_members):
         with scoring(model, units, part, batch_statistics):
             out.append(member_energies(energy_fn, model(xs), y.repeat(members), members))
     return torch.cat(out)

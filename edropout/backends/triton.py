@@ -25,6 +25,7 @@ from dataclasses import dataclass, field
 import torch
 import torch.nn as nn
 
+from .batched import member_chunks
 from ..energy import cross_entropy_energy, margin_energy, member_energies
 from ..masking import _mask_hook, _member_batch_norm, scoring
 from ..units import _NORM, PrunableUnits
@@ -443,12 +444,8 @@ def score(model, units, states, x, y, energy_fn, batch_statistics=True, max_memb
     """Energies [S]: the population in routed forwards of up to ``max_members`` members (all at once by default)."""
     ek = _kernels(x.device)
     plan = _plan_for(model, units, x, batch_statistics, ek)
-    chunk = max_members or states.shape[0]
     out = []
-    for start in range(0, states.shape[0], chunk):
-        part = states[start:start + chunk]
-        members = part.shape[0]
-        xs = x.repeat((members,) + (1,) * (x.dim() - 1))
+    for part, members, xs in member_chunks(states, x, max_members):
         with _routed(model, units, part, batch_statistics, plan, ek):
             out.append(_energies(ek, energy_fn, model(xs), y, members))
     return torch.cat(out)
