@@ -8,7 +8,6 @@ EDropout trained after its state froze. Writes ``accuracy_<config>.{json,md}`` a
 """
 from __future__ import annotations
 
-import argparse
 import json
 import math
 import os
@@ -23,7 +22,7 @@ from edropout.export import export_pruned
 from edropout.flops import count_flops, count_parameters
 from edropout.magnitude_pruning import magnitude_state_for_rate
 from edropout.models import build_model
-from edropout.report import plot_history, run_metadata
+from edropout.report import benchmark_setup, plot_history, run_metadata
 from edropout.training import evaluate, make_optimizer, train_edropout, train_plain
 
 METHODS = ("dense", "edropout", "l1")
@@ -149,17 +148,8 @@ def plot_accuracy(table, path):
 
 
 def main(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--config", required=True)
-    parser.add_argument("--out", default=os.path.join(os.path.dirname(__file__), "results"))
-    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    args = parser.parse_args(argv)
-    with open(args.config) as f:
-        config = json.load(f)
-    if config.get("threads"):
-        torch.set_num_threads(config["threads"])
-    name = os.path.splitext(os.path.basename(args.config))[0]
-    device = torch.device(args.device)
+    args, config, name, device = benchmark_setup(argv, __doc__.splitlines()[0],
+                                                 os.path.join(os.path.dirname(__file__), "results"))
     data = load_benchmark_data(config)
     raw, first_history = {}, None
     for net, width in config["networks"].items():

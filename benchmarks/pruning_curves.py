@@ -15,7 +15,6 @@ Writes ``pruning_curves_<config>.{json,md,png}`` under ``--out`` (default benchm
 """
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import statistics
@@ -31,7 +30,7 @@ from edropout.magnitude_pruning import conv_filter_count, conv_filter_units, mag
 from edropout.models import build_model
 from edropout.regularizers import (apply_batch_bridgeout, apply_dropout, disable_dropout, remove_bridgeout,
                                    remove_dropout)
-from edropout.report import run_metadata
+from edropout.report import benchmark_setup, run_metadata
 from edropout.training import evaluate, make_optimizer, train_edropout, train_plain
 
 CURVES = ("batch_bridgeout", "dropout", "weight_decay")
@@ -182,17 +181,8 @@ def plot_curves(table, meta, path):
 
 
 def main(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--config", required=True)
-    parser.add_argument("--out", default=os.path.join(os.path.dirname(__file__), "results"))
-    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    args = parser.parse_args(argv)
-    with open(args.config) as f:
-        config = json.load(f)
-    if config.get("threads"):
-        torch.set_num_threads(config["threads"])
-    name = os.path.splitext(os.path.basename(args.config))[0]
-    device = torch.device(args.device)
+    args, config, name, device = benchmark_setup(argv, __doc__.splitlines()[0],
+                                                 os.path.join(os.path.dirname(__file__), "results"))
     start = time.perf_counter()
     data = load_benchmark_data(config)
     runs = [run_seed(config, data, seed, device) for seed in config["seeds"]]

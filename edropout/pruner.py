@@ -81,7 +81,7 @@ class EDropout:
         self.iteration = 0
         self.converged = False
         self.pruned_values = {}
-        self._keep_masks = None
+        self._keep_masks = self._row_col_keeps = None
 
     # ----- scoring -------------------------------------------------------------------------------------
     @property
@@ -152,7 +152,8 @@ class EDropout:
         best = self.population[best_index]
         changed = not torch.equal(best, self.best_state)  # the one host synchronisation of an iteration
         self.best_state = best.clone()
-        self._keep_masks = None
+        if changed:
+            self._keep_masks = self._row_col_keeps = None
         if self.convergence.update(self.iteration + 1, changed):
             self.finalize()
 
@@ -187,7 +188,9 @@ class EDropout:
         if self.accelerated:
             from edropout_kernels.masked_optimizer import fused_masked_step
 
-            if fused_masked_step(optimizer, row_col_keeps(self.model, self.units, self.best_state)):
+            if self._row_col_keeps is None:
+                self._row_col_keeps = row_col_keeps(self.model, self.units, self.best_state)
+            if fused_masked_step(optimizer, self._row_col_keeps):
                 return
         masked_step(optimizer, self._masks())
 
@@ -275,6 +278,6 @@ class EDropout:
         self.converged = bool(state["converged"])
         self.convergence.unchanged = int(state["unchanged"])
         self.seed = int(state["seed"])
-        self._keep_masks = None
+        self._keep_masks = self._row_col_keeps = None
         self._compact = None
         self.pruned_values = state.get("pruned_values", {})

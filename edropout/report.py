@@ -28,6 +28,25 @@ def machine_description(device) -> str:
     return f"{name} ({os.cpu_count()} CPU cores)"
 
 
+def benchmark_setup(argv, description: str, results_dir: str):
+    """The shared command line of the config-driven benchmarks: (args, config, config name, device)."""
+    import argparse
+
+    import torch
+
+    parser = argparse.ArgumentParser(description=description)
+    parser.add_argument("--config", required=True)
+    parser.add_argument("--out", default=results_dir)
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    args = parser.parse_args(argv)
+    with open(args.config) as f:
+        config = json.load(f)
+    if config.get("threads"):
+        torch.set_num_threads(config["threads"])
+    name = os.path.splitext(os.path.basename(args.config))[0]
+    return args, config, name, torch.device(args.device)
+
+
 def run_metadata(config_name: str, device) -> dict:
     """What a benchmark table states about its run: config name, machine, torch version and date."""
     import torch

@@ -123,18 +123,21 @@ def _channel_dim(module: nn.Module) -> int:
 def find_classifier(model: nn.Module, example_inputs) -> str:
     """Name of the last Conv/Linear module run in a forward pass: its outputs are the logits, never pruned."""
     order = []
-    hooks = [m.register_forward_hook(lambda mod, i, o, n=name: order.append(n))
-             for name, m in model.named_modules() if isinstance(m, _PRODUCERS)]
-    try:
-        with torch.no_grad():
-            _forward(model, example_inputs)
-    finally:
-        for h in hooks:
-            h.remove()
+    _run_hooked(model, example_inputs, [m.register_forward_hook(lambda mod, i, o, n=name: order.append(n))
+                                        for name, m in model.named_modules() if isinstance(m, _PRODUCERS)])
     if not order:
         raise ValueError("the model has no Conv or Linear layer, so it has no prunable units; EDropout prunes "
                          "output channels of Conv1d/2d/3d and output features of Linear layers")
     return order[-1]
+
+
+def _run_hooked(model, example_inputs, hooks) -> None:
+    """One eval-mode forward without gradients that feeds ``hooks``, which are removed afterwards."""
+    try:
+        model_outputs(model, example_inputs)
+    finally:
+        for h in hooks:
+            h.remove()
 
 
 def model_outputs(model, example_inputs):
@@ -248,13 +251,8 @@ def _per_layer_groups(model, example_inputs, ignored, names):
             follows[src] = names[mod]
 
     hooks = [m.register_forward_hook(remember) for m in names if isinstance(m, _PRODUCERS)]
-    hooks += [m.register_forward_pre_hook(pair) for m in names if isinstance(m, _NORM)]
-    try:
-        with torch.no_grad():
-            _forward(model, example_inputs)
-    finally:
-        for h in hooks:
-            h.remove()
+    _run_hooked(model, example_inputs, hooks + [m.register_forward_pre_hook(pair) for m in names
+                                                 if isinstance(m, _NORM)])
     result = []
     for module, name in names.items():
         if not isinstance(module, _PRODUCERS) or name in ignored:
