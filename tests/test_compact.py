@@ -113,6 +113,41 @@ def test_unusual_ops_fall_back_to_dense_exactly(eval_mode, batch):
     assert torch.allclose(ref, fast, **TOL)
 
 
+class StemNet(nn.Module):
+    """A stem whose masked output is activated and pooled, then read by a conv, a residual add and a pooled head:
+    the per-channel ops run once at full width and each member slices the pooled value."""
+
+    def __init__(self):
+        super().__init__()
+        self.stem = nn.Conv2d(1, 6, 3, padding=1)
+        self.bn = nn.BatchNorm2d(6)
+        self.conv = nn.Conv2d(6, 6, 3, padding=1)
+        self.bn2 = nn.BatchNorm2d(6)
+        self.fc = nn.Linear(12, 5)
+
+    def forward(self, x):
+        h = F.max_pool2d(F.relu(self.bn(self.stem(x))), 2)
+        z = h + self.bn2(self.conv(h))
+        return self.fc(torch.cat([z.mean(dim=(2, 3)), h.amax(dim=(2, 3))], dim=1))
+
+
+@pytest.mark.parametrize("eval_mode", [False, True])
+def test_per_channel_ops_of_a_shared_stem_run_once_at_full_width(eval_mode, batch):
+    x, y = batch
+    torch.manual_seed(0)
+    model = randomise_bn(StemNet())
+    pruner = EDropout(model, x[:2], backend="compact", score_in_eval_mode=eval_mode)
+    plan = compact.plan_for(model, pruner.units, x, pruner.batch_statistics)
+    shared_kinds = [s.kind for s in plan.shared]
+    member_kinds = [s.kind for s in plan.member]
+    assert "zero" in shared_kinds and "pool" in shared_kinds  # relu and max-pool of the stem: once per call
+    assert "zero" not in member_kinds and "pool" not in member_kinds
+    assert member_kinds.count("select") == 1  # one slice, read by the conv, the add and the head
+    ref, fast = _pair(pruner, _states(pruner), x, y)
+    assert torch.allclose(ref, fast, **TOL)
+    assert len(set(ref.tolist())) > 2
+
+
 def test_compact_leaves_model_untouched(batch):
     x, y = batch
     model = randomise_bn(small_net("resnet18")).train()

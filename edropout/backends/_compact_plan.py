@@ -8,7 +8,8 @@ Decisions taken here, once per (model, units, scoring mode), so that the per-mem
   is a masked BatchNorm (the "redundant producer" of ``units``), that BatchNorm's;
 - in eval-mode scoring, which BatchNorms fold into the producer before them (exact: a per-channel affine map);
 - which nodes are shared: a node that no mask point reaches is the same for every member (e.g. the stem conv),
-  and a mask point fed only by shared nodes is computed densely once and then only sliced per member.
+  and a mask point fed only by shared nodes is computed densely once, with the activations and pooling that
+  follow it, and then only sliced per member.
 Anything the plan cannot represent exactly raises ``CompactUnsupported`` and the caller falls back.
 """
 from __future__ import annotations
@@ -254,9 +255,21 @@ def build_plan(model: nn.Module, units: PrunableUnits, example: torch.Tensor, ba
 
     shared, member, extra = [], [], len(nodes)
     steps = {}
+    dense_slot = dict(slot)  # where each node's full-width value lives
+    pending = {}  # node -> (map id, channel dim): computed once at full width, each member only slices it
     for n in nodes:
         kind, target = kinds[n]
-        step = Step(kind, target, _refs(n.args, slot), _refs(n.kwargs, slot), slot[n], n.name)
+        defer = _defers(n, kind, pending, dependent)
+        if not defer:
+            for i in n.all_input_nodes:
+                if i in pending and slot[i] == dense_slot[i]:  # the first per-member reader: slice it here
+                    select = Step("select", None, (Ref(dense_slot[i]),), {}, extra, i.name + "[kept]")
+                    select.mask, select.mask_dim = pending[i]
+                    member.append(select)
+                    slot[i] = extra
+                    extra += 1
+        reads = dense_slot if defer else slot
+        step = Step(kind, target, _refs(n.args, reads), _refs(n.kwargs, reads), dense_slot[n], n.name)
         steps[n] = step
         step.mutates = _mutates(n, modules)
         if n.op == "placeholder":
@@ -268,13 +281,13 @@ def build_plan(model: nn.Module, units: PrunableUnits, example: torch.Tensor, ba
             step.spatial = POOL_MODULES[type(modules[target])]
         inputs_shared = not any(dependent[i] for i in n.all_input_nodes)
         if is_mask(n) and inputs_shared:
-            # computed densely once, then each member keeps its channels
             shared.append(step)
-            select = Step("select", None, (Ref(slot[n]),), {}, extra, n.name + "[kept]")
-            select.mask, select.mask_dim = map_ids[n.target], points[n.target].channel_dim
-            member.append(select)
-            slot[n] = extra  # later readers of n read the member's selection
-            extra += 1
+            pending[n] = (map_ids[n.target], points[n.target].channel_dim)
+            continue
+        if defer:
+            # a per-channel op of a sliced value commutes with the slice: run it once at full width
+            shared.append(step)
+            pending[n] = pending[n.args[0]]
             continue
         if is_mask(n):
             step.mask, step.mask_dim = map_ids[n.target], points[n.target].channel_dim
@@ -287,6 +300,19 @@ def build_plan(model: nn.Module, units: PrunableUnits, example: torch.Tensor, ba
     _set_frees(member)
     output = next(steps[n].slot for n in nodes if n.op == "output")
     return Plan(shared, member, maps, extra, output, units, _layer_macs(nodes, modules, shapes, example.shape[0]))
+
+
+_PER_CHANNEL = {"zero", "zero_module", "pool", "pool_module"}
+
+
+def _defers(n, kind, pending, dependent) -> bool:
+    """Whether ``n`` is a per-channel op (activation, pooling) of a value that members only slice, with nothing
+    else per-member among its inputs: then it runs once at full width and the slice moves after it."""
+    if kind not in _PER_CHANNEL or not n.args or n.args[0] not in pending:
+        return False
+    if kind in ("pool", "pool_module") and pending[n.args[0]][1] != 1:
+        return False  # pooling reduces the dims after the channel dim 1 only
+    return not any(dependent[i] for i in n.all_input_nodes if i is not n.args[0])
 
 
 def _layer_macs(nodes, modules, shapes, batch):
