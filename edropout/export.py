@@ -10,6 +10,7 @@ import copy
 import torch
 import torch.nn as nn
 
+from .modes import all_modules_in
 from .units import PrunableUnits
 
 
@@ -22,9 +23,8 @@ def export_pruned(model: nn.Module, units: PrunableUnits, state: torch.Tensor, e
                            "warning at construction); only the masked model is available")
     state = state.reshape(-1).bool().cpu()
     small = copy.deepcopy(model)
-    was_training = small.training
-    small.eval()
-    graph = tp.DependencyGraph().build_dependency(small, example_inputs=example_inputs)
+    with all_modules_in(small, False):
+        graph = tp.DependencyGraph().build_dependency(small, example_inputs=example_inputs)
     modules = dict(small.named_modules())
     for group in units.groups:
         bits = state[group.first_bit:group.first_bit + group.size]
@@ -36,5 +36,4 @@ def export_pruned(model: nn.Module, units: PrunableUnits, state: torch.Tensor, e
             root = modules[group.module_name]
             handler = graph.get_pruner_of_module(root).prune_out_channels
             graph.get_pruning_group(root, handler, pruned).prune()
-    small.train(was_training)
     return small

@@ -4,6 +4,8 @@ from __future__ import annotations
 import torch
 import torch.nn as nn
 
+from .modes import all_modules_in
+
 _CONV = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
 
 
@@ -20,13 +22,10 @@ def count_flops(model: nn.Module, example_inputs: torch.Tensor) -> int:
         total += 2 * per_output * output[0].numel()
 
     handles = [m.register_forward_hook(hook) for m in model.modules() if isinstance(m, _CONV + (nn.Linear,))]
-    was_training = model.training
-    model.eval()
     try:
-        with torch.no_grad():
+        with torch.no_grad(), all_modules_in(model, False):
             model(example_inputs[:1])
     finally:
-        model.train(was_training)
         for h in handles:
             h.remove()
     return total

@@ -9,10 +9,12 @@ never drifts it: pruned weights are frozen, not zeroed, exactly like dropout (ME
 """
 from __future__ import annotations
 
+import contextlib
+
 import torch
 import torch.nn as nn
 
-from .units import PrunableUnits
+from .units import _NORM, PrunableUnits
 
 
 def keep_masks(model: nn.Module, units: PrunableUnits, state: torch.Tensor) -> dict:
@@ -66,6 +68,30 @@ def masked_step(optimizer: torch.optim.Optimizer, masks: dict) -> None:
                         torch.where(frozen, tensors[key], value, out=value)
                     else:  # created by this step: pruned elements start at zero
                         value.masked_fill_(frozen, 0)
+
+
+def statistics_keeps(model: nn.Module, units: PrunableUnits, state: torch.Tensor) -> dict:
+    """{BatchNorm module: keep-mask [C]} for every masked BatchNorm that tracks running statistics."""
+    modules = dict(model.named_modules())
+    ext = units.extended(state.reshape(1, -1))[0]
+    return {modules[p.module_name]: ext[p.index.to(ext.device)] for p in units.mask_points
+            if isinstance(modules[p.module_name], _NORM) and modules[p.module_name].running_mean is not None}
+
+
+@contextlib.contextmanager
+def frozen_statistics(keeps: dict):
+    """A training forward inside the block updates BatchNorm running statistics; on exit those of pruned channels
+    are put back, so a pruned unit's statistics stay as they were, like its weights and optimizer state (and the
+    masked dense forward and the kept-channels forward leave the same statistics)."""
+    saved = [(m, keep, m.running_mean.clone(), m.running_var.clone()) for m, keep in keeps.items()
+             if not bool(keep.all())]
+    try:
+        yield
+    finally:
+        with torch.no_grad():
+            for m, keep, mean, var in saved:
+                torch.where(keep, m.running_mean, mean, out=m.running_mean)
+                torch.where(keep, m.running_var, var, out=m.running_var)
 
 
 def pruned_values(masks: dict) -> dict:

@@ -14,6 +14,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from .modes import all_modules_in
 from .units import PrunableUnits, _NORM
 
 
@@ -79,19 +80,16 @@ def scoring(model: nn.Module, units: PrunableUnits, states: torch.Tensor, batch_
     False: running statistics (eval-mode scoring). No running statistic is updated either way.
     """
     members = states.reshape(-1, units.num_units).shape[0]
-    modes = {m: m.training for m in model.modules()}
     patched = []
-    model.eval()
-    try:
-        if batch_statistics:
-            for m in model.modules():
-                if isinstance(m, _NORM):
-                    m.forward = _member_batch_norm(m, members)
-                    patched.append(m)
-        with masked(model, units, states), torch.no_grad():
-            yield
-    finally:
-        for m in patched:
-            del m.forward
-        for m, mode in modes.items():
-            m.training = mode
+    with all_modules_in(model, False):
+        try:
+            if batch_statistics:
+                for m in model.modules():
+                    if isinstance(m, _NORM):
+                        m.forward = _member_batch_norm(m, members)
+                        patched.append(m)
+            with masked(model, units, states), torch.no_grad():
+                yield
+        finally:
+            for m in patched:
+                del m.forward

@@ -17,7 +17,9 @@ from . import evolution as evo
 from .backends import resolve_backend, score
 from .energy import check_labels, resolve_energy
 from .export import export_pruned
-from .masked_update import keep_masks, masked_step, pruned_values, row_col_keeps, zero_pruned
+from .backends import compact
+from .masked_update import (frozen_statistics, keep_masks, masked_step, pruned_values, row_col_keeps,
+                            statistics_keeps, zero_pruned)
 from .compact_training import CompactTrainer
 from .masking import masked
 from .units import discover_units, model_outputs
@@ -81,7 +83,7 @@ class EDropout:
         self.iteration = 0
         self.converged = False
         self.pruned_values = {}
-        self._keep_masks = self._row_col_keeps = None
+        self._keep_masks = self._row_col_keeps = self._statistics_keeps = None
 
     # ----- scoring -------------------------------------------------------------------------------------
     @property
@@ -153,7 +155,7 @@ class EDropout:
         changed = not torch.equal(best, self.best_state)  # the one host synchronisation of an iteration
         self.best_state = best.clone()
         if changed:
-            self._keep_masks = self._row_col_keeps = None
+            self._keep_masks = self._row_col_keeps = self._statistics_keeps = None
         if self.convergence.update(self.iteration + 1, changed):
             self.finalize()
 
@@ -171,16 +173,35 @@ class EDropout:
         if self.converged and self.compact_after_convergence and self.units.traced:
             loss = self._compact_trainer(optimizer).step(x, y)
         else:
-            with masked(self.model, self.units, self.best_state):
-                logits = self.model(x)
-            loss = F.cross_entropy(logits, y)
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
+            if self._statistics_keeps is None:
+                self._statistics_keeps = statistics_keeps(self.model, self.units, self.best_state)
+            # restored after backward: autograd saves the running statistics it was given and checks their versions
+            with frozen_statistics(self._statistics_keeps):
+                loss = F.cross_entropy(self._training_logits(x), y)
+                optimizer.zero_grad(set_to_none=True)
+                loss.backward()
             self._optimizer_step(optimizer)
         self.iteration += 1
         energies = self.stored_energies if self.stored_energies is not None else torch.full((1,), float("nan"))
         return StepInfo(self.iteration, float(loss.detach()), float(energies.min()), float(energies.mean()),
                         self.pruning_rate, self.converged)
+
+    @property
+    def trains_kept_channels(self) -> bool:
+        """Whether the training forward runs on the best state's kept channels only (CPU with backend "auto" or
+        "compact", the model in train mode and interpretable): about the kept share of a dense forward and
+        backward, with the same weights, gradients and statistics as the masked dense forward to float tolerance."""
+        return self.device.type == "cpu" and self.requested_backend in ("auto", "compact") and self.model.training
+
+    def _training_logits(self, x):
+        """Logits of the training forward with the best state applied: kept channels only where possible, else
+        the masked dense forward."""
+        if self.trains_kept_channels:
+            logits = compact.train_logits(self.model, self.units, self.best_state, x)
+            if logits is not None:
+                return logits
+        with masked(self.model, self.units, self.best_state):
+            return self.model(x)
 
     def _optimizer_step(self, optimizer) -> None:
         """The masked update: fused in one launch on the Triton backend where the optimizer is supported,
@@ -278,6 +299,6 @@ class EDropout:
         self.converged = bool(state["converged"])
         self.convergence.unchanged = int(state["unchanged"])
         self.seed = int(state["seed"])
-        self._keep_masks = self._row_col_keeps = None
+        self._keep_masks = self._row_col_keeps = self._statistics_keeps = None
         self._compact = None
         self.pruned_values = state.get("pruned_values", {})

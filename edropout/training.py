@@ -11,26 +11,22 @@ import torch
 
 from .checkpoint import atomic_save
 from .data import batches
+from .modes import all_modules_in
 from .pruner import EDropout
 
 
 @torch.no_grad()
 def evaluate(model, x, y, batch_size=512, context=None):
     """Top-1 and Top-5 accuracy (%) of ``model`` in eval mode, inside ``context`` (e.g. a pruning state)."""
-    was_training = model.training
-    model.eval()
     top1 = top5 = 0
     device = next(model.parameters()).device
-    try:
-        with context or contextlib.nullcontext():
-            for start in range(0, len(y), batch_size):
-                xb, yb = x[start:start + batch_size].to(device), y[start:start + batch_size].to(device)
-                logits = model(xb)
-                top = logits.topk(min(5, logits.shape[-1]), dim=1).indices
-                top1 += (top[:, 0] == yb).sum().item()
-                top5 += (top == yb[:, None]).any(dim=1).sum().item()
-    finally:
-        model.train(was_training)
+    with all_modules_in(model, False), context or contextlib.nullcontext():
+        for start in range(0, len(y), batch_size):
+            xb, yb = x[start:start + batch_size].to(device), y[start:start + batch_size].to(device)
+            logits = model(xb)
+            top = logits.topk(min(5, logits.shape[-1]), dim=1).indices
+            top1 += (top[:, 0] == yb).sum().item()
+            top5 += (top == yb[:, None]).any(dim=1).sum().item()
     return 100.0 * top1 / len(y), 100.0 * top5 / len(y)
 
 

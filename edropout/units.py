@@ -13,6 +13,8 @@ from dataclasses import dataclass, field
 import torch
 import torch.nn as nn
 
+from .modes import all_modules_in
+
 _CONV = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
 _NORM = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d)
 _PRODUCERS = _CONV + (nn.Linear,)
@@ -147,14 +149,10 @@ def model_outputs(model, example_inputs):
 
 
 def _forward(model, example_inputs):
-    was_training = model.training
-    model.eval()
-    try:
+    with all_modules_in(model, False):
         if isinstance(example_inputs, (tuple, list)):
             return model(*example_inputs)
         return model(example_inputs)
-    finally:
-        model.train(was_training)
 
 
 def discover_units(model: nn.Module, example_inputs, ignored_layers=None) -> PrunableUnits:
@@ -192,12 +190,8 @@ def _traced_groups(model, example_inputs, ignored, names):
     """Groups from torch-pruning's dependency graph, as lists of (module_name, handler, positions, root_idxs)."""
     import torch_pruning as tp
 
-    was_training = model.training
-    model.eval()
-    try:
+    with all_modules_in(model, False):
         graph = tp.DependencyGraph().build_dependency(model, example_inputs=example_inputs)
-    finally:
-        model.train(was_training)
     ignored_modules = [m for m, n in names.items() if n in ignored]
     result = []
     for group in graph.get_all_groups(ignored_layers=ignored_modules, root_module_types=list(_PRODUCERS)):

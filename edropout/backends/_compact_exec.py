@@ -22,17 +22,19 @@ from ._compact_values import ChannelTable, Packed, _as_rows, _channels_last, ali
 # 4.8 ms vs 0.8 ms; train-mode BatchNorm of 128×16×28×28 (1 thread) 3.6 ms vs 1.6 ms.
 CHANNELS_LAST = True
 _BINARY = {"add": torch.add, "sub": torch.sub, "mul": torch.mul, "div": torch.div}
+_DROPOUTS = (torch.nn.Dropout, torch.nn.Dropout1d, torch.nn.Dropout2d, torch.nn.Dropout3d, torch.nn.AlphaDropout)
 
 
 class Context:
     """What the handlers read during one call: modules, the current member's channels, per-call caches."""
 
-    def __init__(self, model, table: ChannelTable, batch_statistics: bool, x: torch.Tensor):
+    def __init__(self, model, table: ChannelTable, batch_statistics: bool, x: torch.Tensor, train: bool):
         self.model = model
         self.modules = dict(model.named_modules())
         self.table = table
         self.batch_statistics = batch_statistics
         self.x = x
+        self.train = train  # a training forward: modules' own modes, running statistics updated
         self.chans = None
         self.cache = {}
 
@@ -106,6 +108,9 @@ def conv(step, ctx, args, kwargs):
     x = args[0]
 
     def compute(x, weight, bias):
+        if x.dim() == 4 and _unsafe_nhwc_backward(mod, x):
+            out = mod._conv_forward(x.contiguous(), weight, bias)
+            return out.contiguous(memory_format=torch.channels_last) if CHANNELS_LAST else out
         if CHANNELS_LAST and x.dim() == 4:
             x = x.contiguous(memory_format=torch.channels_last)
             # a one-channel input cannot tell the layouts apart and yields NCHW: convert, pooling needs NHWC
@@ -113,6 +118,14 @@ def conv(step, ctx, args, kwargs):
         return mod._conv_forward(x, weight, bias)
 
     return _run_producer(step, ctx, x, lambda t: 1, compute, mod.out_channels)
+
+
+def _unsafe_nhwc_backward(mod, x) -> bool:
+    """oneDNN computes wrong weight gradients (or hangs) for channels-last 1x1 convolutions with stride > 1 and
+    fewer input channels than its channel block (uxlfoundation/oneDNN#6035; measured here with torch 2.13: 1x1
+    stride 2 with 2-7 input channels, relative errors up to 1.5). Those run NCHW when gradients are needed."""
+    return torch.is_grad_enabled() and x.shape[1] < 16 and all(k == 1 for k in mod.kernel_size) \
+        and any(s > 1 for s in mod.stride)
 
 
 def linear(step, ctx, args, kwargs):
@@ -127,7 +140,7 @@ def batch_norm(step, ctx, args, kwargs):
     mod = ctx.modules[step.target]
     chans = None if step.mask is None else ctx.chans[step.mask]
     if chans is None:
-        return _norm(ctx, mod, dense(x), mod.weight, mod.bias, mod.running_mean, mod.running_var)
+        return _norm(ctx, mod, dense(x), mod.weight, mod.bias, mod.running_mean, mod.running_var, None)
     data = align(x, 1, chans)
 
     def make():
@@ -140,34 +153,68 @@ def batch_norm(step, ctx, args, kwargs):
         return (weight, bias, pick(mod.running_mean), pick(mod.running_var)), chans
 
     params = _cached(ctx, ("bn", step.slot, id(chans)), make)
-    return Packed(_norm(ctx, mod, data, *params), 1, chans, mod.num_features)
+    return Packed(_norm(ctx, mod, data, *params, chans), 1, chans, mod.num_features)
 
 
-def _norm(ctx, mod, x, weight, bias, mean, var):
+def _norm(ctx, mod, x, weight, bias, mean, var, chans):
+    """BatchNorm of the stored channels ``chans`` (None: all) with gathered parameters and running statistics."""
+    if ctx.train:
+        return _train_norm(ctx, mod, x, weight, bias, mean, var, chans)
     if ctx.batch_statistics or mean is None:  # each member's own batch statistics, nothing updated
-        if x.dim() == 4 and x.shape[1] % 16 and _channels_last(x):
-            return _batch_norm_rows(x, weight, bias, mod.eps)
-        return F.batch_norm(x, None, None, weight, bias, True, 0.0, mod.eps)
+        return _batch_norm(x, weight, bias, mod.eps)
     return F.batch_norm(x, mean, var, weight, bias, False, 0.0, mod.eps)
 
 
-def _batch_norm_rows(x, weight, bias, eps):
+def _batch_norm(x, weight, bias, eps, running=None, factor=0.0):
+    """Batch-statistics BatchNorm; ``running`` (mean, var), if given, is updated in place with ``factor``."""
+    if x.dim() == 4 and x.shape[1] % 16 and _channels_last(x):
+        return _batch_norm_rows(x, weight, bias, eps, running, factor)
+    mean, var = running if running is not None else (None, None)
+    return F.batch_norm(x, mean, var, weight, bias, True, factor, eps)
+
+
+def _train_norm(ctx, mod, x, weight, bias, mean, var, chans):
+    """What the BatchNorm module computes in its own mode; with batch statistics, the running statistics of the
+    kept channels move exactly as the dense module moves them (pruned channels' statistics stay as they are)."""
+    if mean is None or not mod.training:
+        return F.batch_norm(x, mean, var, weight, bias, mean is None, 0.0, mod.eps)
+    factor = mod.momentum
+    if mod.num_batches_tracked is not None:
+        mod.num_batches_tracked.add_(1)
+        if factor is None:  # cumulative average, as nn.BatchNorm
+            factor = 1.0 / float(mod.num_batches_tracked)
+    out = _batch_norm(x, weight, bias, mod.eps, (mean, var), factor)
+    if chans is not None:  # ``mean`` and ``var`` are gathered copies: write the kept channels back
+        positions, kept = ctx.table.unpadded(chans)
+        with torch.no_grad():
+            mod.running_mean.index_copy_(0, kept.index, mean.index_select(0, positions))
+            mod.running_var.index_copy_(0, kept.index, var.index_select(0, positions))
+    return out
+
+
+def _batch_norm_rows(x, weight, bias, eps, running=None, factor=0.0):
     """Train-mode BatchNorm of a channels-last tensor on its (N·H·W, C) matrix view, two-pass (mean, then mean
     squared deviation, as F.batch_norm). PyTorch's channels-last kernel is fast only for C a multiple of 16; for
     other widths this is 1.4-3.4× faster (batch 128, 2 threads: C=8 at 28×28 0.84 vs 2.82 ms, C=24 at 14×14 0.43
-    vs 0.88 ms, C=40 at 7×7 0.19 vs 0.26 ms)."""
+    vs 0.88 ms, C=40 at 7×7 0.19 vs 0.26 ms). Under autograd it runs out of place."""
     n, c, h, w = x.shape
     rows = _as_rows(x)
-    mean = rows.sum(0) / rows.shape[0]
+    count = rows.shape[0]
+    mean = rows.sum(0) / count
     centered = rows - mean
-    var = (centered * centered).sum(0) / rows.shape[0]
+    var = (centered * centered).sum(0) / count
+    if running is not None:  # as F.batch_norm: the running variance takes the unbiased estimate
+        with torch.no_grad():
+            running[0].mul_(1 - factor).add_(mean, alpha=factor)
+            running[1].mul_(1 - factor).add_(var, alpha=factor * count / max(count - 1, 1))
     scale = torch.rsqrt(var + eps)
     if weight is not None:
         scale = scale * weight
-    centered.mul_(scale)
-    if bias is not None:
-        centered.add_(bias)
-    return centered.view(n, h, w, c).permute(0, 3, 1, 2)
+    if torch.is_grad_enabled():
+        out = centered * scale if bias is None else torch.addcmul(bias, centered, scale)
+    else:
+        out = centered.mul_(scale) if bias is None else centered.mul_(scale).add_(bias)
+    return out.view(n, h, w, c).permute(0, 3, 1, 2)
 
 
 def select_kept(step, ctx, args, kwargs):
@@ -199,6 +246,13 @@ def zero_module(step, ctx, args, kwargs):
         return zero(step, ctx, args, kwargs)
     mod = ctx.modules[step.target]
     x = args[0]
+    if ctx.train and mod.training and isinstance(mod, _DROPOUTS):
+        # full width and the layout of the eager forward (that of the input): the same random draws land on the
+        # same elements as in the masked dense forward
+        full = dense(x)
+        if not _channels_last(ctx.x):
+            full = full.contiguous()
+        return mod(full)
     fn = ZERO_MODULES[type(mod)]
     return _same_packed(x, fn(mod, x.data)) if type(x) is Packed else fn(mod, x)
 
@@ -414,11 +468,12 @@ def _execute(steps, env, ctx):
             env[s] = None
 
 
-def run(plan: Plan, model, states: torch.Tensor, x, batch_statistics: bool) -> list:
-    """The model's output for each of ``states`` [S, D]: shared steps once, member steps per state. The model must
-    be in eval mode and gradients off (``compact.score`` arranges both)."""
+def run(plan: Plan, model, states: torch.Tensor, x, batch_statistics: bool, train: bool = False) -> list:
+    """The model's output for each of ``states`` [S, D]: shared steps once, member steps per state. For scoring the
+    model must be in eval mode and gradients off (``compact.score`` arranges both); ``train=True`` runs a training
+    plan's one member in the modules' own modes, under autograd, updating running statistics."""
     table = ChannelTable(plan.units, states, plan.maps)
-    ctx = Context(model, table, batch_statistics, x)
+    ctx = Context(model, table, batch_statistics, x, train)
     env = [None] * plan.slots
     _execute(plan.shared, env, ctx)
     out = []

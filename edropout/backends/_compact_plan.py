@@ -22,6 +22,7 @@ import torch.fx as fx
 import torch.nn as nn
 import torch.nn.functional as F
 
+from ..modes import all_modules_in
 from ..units import _CONV, _NORM, PrunableUnits
 
 
@@ -168,16 +169,11 @@ def classify(node: fx.Node, modules: dict):
     return "method", target
 
 
-def trace(model: nn.Module) -> fx.Graph:
-    """The model's fx graph, traced in eval mode (training flags read while tracing are baked into the graph, and
-    scoring always runs in eval mode)."""
-    modes = {m: m.training for m in model.modules()}
-    model.eval()
-    try:
+def trace(model: nn.Module, training: bool = False) -> fx.Graph:
+    """The model's fx graph, traced in eval mode, or in train mode for a training plan: training flags read while
+    tracing (``F.dropout(x, p, self.training)``) are baked into the graph."""
+    with all_modules_in(model, training):
         return fx.symbolic_trace(model).graph
-    finally:
-        for m, mode in modes.items():
-            m.training = mode
 
 
 def _mutates(node: fx.Node, modules: dict) -> bool:
@@ -196,24 +192,24 @@ def _shapes(model: nn.Module, graph: fx.Graph, example: torch.Tensor) -> dict:
     """Shape of each node's tensor value on ``example`` (eval mode, no gradients); {} if that fails."""
     from torch.fx.passes.shape_prop import ShapeProp
 
-    modes = {m: m.training for m in model.modules()}
-    model.eval()
     try:
-        with torch.no_grad():
+        with torch.no_grad(), all_modules_in(model, False):
             ShapeProp(fx.GraphModule(model, graph)).propagate(example)
         return {n: tuple(n.meta["tensor_meta"].shape) for n in graph.nodes
                 if hasattr(n.meta.get("tensor_meta"), "shape")}
     except Exception:  # shapes only enable Linear->BatchNorm1d fusion and the cost estimate of ``auto``
         return {}
-    finally:
-        for m, mode in modes.items():
-            m.training = mode
 
 
-def build_plan(model: nn.Module, units: PrunableUnits, example: torch.Tensor, batch_statistics: bool) -> Plan:
-    """Trace and classify ``model`` for ``units``; ``example`` is a small input batch (for tensor ranks only)."""
+def build_plan(model: nn.Module, units: PrunableUnits, example: torch.Tensor, batch_statistics: bool,
+               training: bool = False) -> Plan:
+    """Trace and classify ``model`` for ``units``; ``example`` is a small input batch (for tensor ranks only).
+
+    ``training=True`` plans one member's training forward under autograd: every step in graph order (so ops that
+    draw random numbers draw them as the eager forward does), every producer computing only kept rows, no
+    in-place ops and no folded BatchNorm."""
     try:
-        graph = trace(model)
+        graph = trace(model, training)
     except Exception as exc:
         raise CompactUnsupported(f"torch.fx could not trace the model ({type(exc).__name__}: {exc})") from exc
     modules = dict(model.named_modules())
@@ -251,21 +247,22 @@ def build_plan(model: nn.Module, units: PrunableUnits, example: torch.Tensor, ba
     for n in nodes:
         dependent[n] = is_mask(n) or any(dependent[i] for i in n.all_input_nodes)
     use_running = {name for name, m in modules.items() if isinstance(m, _NORM) and not batch_statistics
-                   and m.running_mean is not None}
+                   and m.running_mean is not None and not training}
 
-    shared, member, extra = [], [], len(nodes)
+    shared, member, order, extra = [], [], [], len(nodes)
     steps = {}
     dense_slot = dict(slot)  # where each node's full-width value lives
     pending = {}  # node -> (map id, channel dim): computed once at full width, each member only slices it
     for n in nodes:
         kind, target = kinds[n]
-        defer = _defers(n, kind, pending, dependent)
+        defer = not training and _defers(n, kind, pending, dependent)
         if not defer:
             for i in n.all_input_nodes:
                 if i in pending and slot[i] == dense_slot[i]:  # the first per-member reader: slice it here
                     select = Step("select", None, (Ref(dense_slot[i]),), {}, extra, i.name + "[kept]")
                     select.mask, select.mask_dim = pending[i]
                     member.append(select)
+                    order.append(select)
                     slot[i] = extra
                     extra += 1
         reads = dense_slot if defer else slot
@@ -280,7 +277,8 @@ def build_plan(model: nn.Module, units: PrunableUnits, example: torch.Tensor, ba
         if kind == "pool_module":
             step.spatial = POOL_MODULES[type(modules[target])]
         inputs_shared = not any(dependent[i] for i in n.all_input_nodes)
-        if is_mask(n) and inputs_shared:
+        order.append(step)
+        if is_mask(n) and inputs_shared and not training:
             shared.append(step)
             pending[n] = (map_ids[n.target], points[n.target].channel_dim)
             continue
@@ -295,8 +293,11 @@ def build_plan(model: nn.Module, units: PrunableUnits, example: torch.Tensor, ba
                 step.rows = step.mask
         (member if dependent[n] else shared).append(step)
     for n in nodes:
-        _fuse_with_norm(n, steps, modules, points, map_ids, dependent, use_running, ndims)
-    _set_inplace(nodes, steps, modules, {s.slot for s in member})
+        _fuse_with_norm(n, steps, modules, points, map_ids, dependent, use_running, ndims, training)
+    if training:
+        shared, member = [], order  # one member: nothing to share, and graph order keeps random draws in place
+    else:
+        _set_inplace(nodes, steps, modules, {s.slot for s in member})
     _set_frees(member)
     output = next(steps[n].slot for n in nodes if n.op == "output")
     return Plan(shared, member, maps, extra, output, units, _layer_macs(nodes, modules, shapes, example.shape[0]))
@@ -329,11 +330,13 @@ def _layer_macs(nodes, modules, shapes, batch):
     return macs
 
 
-def _fuse_with_norm(n, steps, modules, points, map_ids, dependent, use_running, ndims):
+def _fuse_with_norm(n, steps, modules, points, map_ids, dependent, use_running, ndims, training):
     """A per-member Conv/Linear (not itself masked) whose only consumer is a BatchNorm computes only the rows that
-    BatchNorm keeps, and in eval-mode scoring carries the BatchNorm folded into its weights."""
+    BatchNorm keeps, and in eval-mode scoring carries the BatchNorm folded into its weights. A training plan has
+    one member, so there a shared producer (the stem) computes only kept rows too."""
     step = steps[n]
-    if step.kind not in ("conv", "linear") or not dependent[n] or step.mask is not None or len(n.users) != 1:
+    if step.kind not in ("conv", "linear") or not (dependent[n] or training) or step.mask is not None \
+            or len(n.users) != 1:
         return
     user = next(iter(n.users))
     if steps[user].kind != "bn" or user.args != (n,) or user.kwargs:

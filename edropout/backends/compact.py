@@ -24,6 +24,7 @@ import torch.nn as nn
 
 from . import batched
 from ..energy import member_energies
+from ..modes import all_modules_in
 from ._compact_exec import run
 from ._compact_plan import CompactUnsupported, build_plan
 
@@ -31,24 +32,26 @@ from ._compact_plan import CompactUnsupported, build_plan
 # (Benchmarks turn this off so that every backend computes all S members.)
 DEDUPLICATE = True
 
-# model -> {batch_statistics: Plan or CompactUnsupported}; entries die with the model
+# model -> {batch_statistics or "train": Plan or CompactUnsupported}; entries die with the model
 _PLANS: "weakref.WeakKeyDictionary[nn.Module, dict]" = weakref.WeakKeyDictionary()
 
 
-def plan_for(model: nn.Module, units, x: torch.Tensor, batch_statistics: bool):
-    """The cached plan of ``model`` for ``units``, or the ``CompactUnsupported`` explaining why there is none."""
+def plan_for(model: nn.Module, units, x: torch.Tensor, batch_statistics: bool, training: bool = False):
+    """The cached plan of ``model`` for ``units`` (scoring, or ``training``), or the ``CompactUnsupported``
+    explaining why there is none."""
     entry = _PLANS.setdefault(model, {})
-    found = entry.get(batch_statistics)
+    key = "train" if training else batch_statistics
+    found = entry.get(key)
     if found is None or (not isinstance(found, CompactUnsupported) and found.units is not units):
         try:
-            found = build_plan(model, units, x[:2], batch_statistics)
+            found = build_plan(model, units, x[:2], batch_statistics, training)
         except CompactUnsupported as exc:
             found = exc
             if not entry.get("warned"):
-                warnings.warn(f"compact backend: {exc}; scoring with the batched backend instead", RuntimeWarning,
-                              stacklevel=4)
+                what = "training with the masked dense forward" if training else "scoring with the batched backend"
+                warnings.warn(f"compact backend: {exc}; {what} instead", RuntimeWarning, stacklevel=4)
                 entry["warned"] = True
-        entry[batch_statistics] = found
+        entry[key] = found
     return found
 
 
@@ -82,15 +85,21 @@ def score(model, units, states, x, y, energy_fn, batch_statistics=True, max_memb
         distinct, inverse = torch.unique(states.bool(), dim=0, return_inverse=True)
     else:
         distinct, inverse = states.bool(), torch.arange(states.shape[0], device=states.device)
-    modes = {m: m.training for m in model.modules()}
-    model.eval()
-    try:
-        with torch.no_grad():
-            logits = torch.stack(run(plan, model, distinct, x, batch_statistics))
-    finally:
-        for m, mode in modes.items():
-            m.training = mode
+    with torch.no_grad(), all_modules_in(model, False):
+        logits = torch.stack(run(plan, model, distinct, x, batch_statistics))
     # one energy call over all members' rows, member-major in the caller's order, exactly as the batched backend
     members = states.shape[0]
     rows = logits.index_select(0, inverse.to(logits.device)).flatten(0, 1)
     return member_energies(energy_fn, rows, y.repeat(members), members)
+
+
+def train_logits(model, units, state: torch.Tensor, x: torch.Tensor):
+    """The model's output with ``state`` [D] applied, computed on kept channels only and differentiable: backward
+    fills the model's parameter gradients (zero for pruned elements), and BatchNorm running statistics of kept
+    channels move as in the masked dense forward. None where the interpreter cannot run the training forward
+    exactly (untraceable model, forward hooks): the caller then uses the masked dense forward."""
+    plan = plan_for(model, units, x, True, training=True)
+    if isinstance(plan, CompactUnsupported) or _has_hooks(model, plan):
+        return None
+    return run(plan, model, state.reshape(1, -1), x, True, train=True)[0]
+

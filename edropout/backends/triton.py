@@ -28,6 +28,7 @@ import torch.nn as nn
 from .batched import member_chunks
 from ..energy import cross_entropy_energy, margin_energy, member_energies
 from ..masking import _mask_hook, _member_batch_norm, scoring
+from ..modes import all_modules_in
 from ..units import _NORM, PrunableUnits
 
 _FLOAT = (torch.float32, torch.float16, torch.bfloat16)
@@ -404,30 +405,27 @@ def _routed(model, units, states, batch_statistics, plan, ek):
     modules = dict(model.named_modules())
     ctx = {"members": ext.shape[0], "plan": plan, "units": units, "ext": ext, "masks": masks, "modules": modules,
            "batch_statistics": batch_statistics, "ek": ek, "tf32": _allow_tf32, "folded": {}}
-    modes = {m: m.training for m in model.modules()}
     patched, handles = {}, []
-    model.eval()
-    try:
-        for name, m in modules.items():
-            kind = _kind(m)
-            if kind or _routes_norm(m, batch_statistics):
-                patched[m] = vars(m).get("forward")
-                m.forward = _producer_forward(m, name, kind, ctx) if kind else _norm_forward(m, name, ctx)
-            elif name in masks:
-                channel_dim = next(p.channel_dim for p in units.mask_points if p.module_name == name)
-                handles.append(m.register_forward_hook(_mask_hook(masks[name], channel_dim)))
-        with torch.no_grad():
-            yield
-    finally:
-        for h in handles:
-            h.remove()
-        for m, previous in patched.items():
-            if previous is None:
-                del m.forward
-            else:
-                m.forward = previous
-        for m, mode in modes.items():
-            m.training = mode
+    with all_modules_in(model, False):
+        try:
+            for name, m in modules.items():
+                kind = _kind(m)
+                if kind or _routes_norm(m, batch_statistics):
+                    patched[m] = vars(m).get("forward")
+                    m.forward = _producer_forward(m, name, kind, ctx) if kind else _norm_forward(m, name, ctx)
+                elif name in masks:
+                    channel_dim = next(p.channel_dim for p in units.mask_points if p.module_name == name)
+                    handles.append(m.register_forward_hook(_mask_hook(masks[name], channel_dim)))
+            with torch.no_grad():
+                yield
+        finally:
+            for h in handles:
+                h.remove()
+            for m, previous in patched.items():
+                if previous is None:
+                    del m.forward
+                else:
+                    m.forward = previous
 
 
 # ----- 4. energies and the entry point --------------------------------------------------------------------------

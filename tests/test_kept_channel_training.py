@@ -1,0 +1,148 @@
+"""While evolving on CPU, the training forward and backward run on the best state's kept channels only
+(``compact.train_logits``): they give the masked dense forward's logits, gradients and BatchNorm statistics, draw
+dropout's random numbers as it does, and a whole run equals one on the reference backend."""
+import copy
+
+import pytest
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from edropout import EDropout
+from edropout.backends import compact
+from edropout.masked_update import frozen_statistics, statistics_keeps
+from edropout.masking import masked
+from nets import NETS, ConcatNet, randomise_bn, small_net
+
+
+class DropoutNet(nn.Module):
+    """Dropout on a 4-D activation (whose layout the interpreter changes) and on features, in train mode."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(1, 6, 3, padding=1)
+        self.bn = nn.BatchNorm2d(6)
+        self.drop2d = nn.Dropout(0.3)
+        self.conv2 = nn.Conv2d(6, 5, 3, stride=2)
+        self.fc = nn.Linear(5 * 3 * 3, 12)
+        self.drop = nn.Dropout(0.5)
+        self.out = nn.Linear(12, 4)
+
+    def forward(self, x):
+        h = self.drop2d(torch.relu(self.bn(self.conv(x))))
+        h = torch.relu(self.conv2(h)).flatten(1)
+        return self.out(self.drop(torch.relu(self.fc(h))))
+
+
+def _net(name):
+    if name == "dropout":
+        torch.manual_seed(0)
+        return DropoutNet()
+    return small_net(name) if name != "concat" else ConcatNet()
+
+
+def _forward_backward(model, units, state, x, y, kept_only):
+    """Logits, parameter gradients and running statistics after one training forward/backward."""
+    model.zero_grad(set_to_none=True)
+    torch.manual_seed(7)  # same dropout draws for both paths
+    with frozen_statistics(statistics_keeps(model, units, state)):
+        if kept_only:
+            logits = compact.train_logits(model, units, state, x)
+            assert logits is not None  # really the interpreter
+        else:
+            with masked(model, units, state):
+                logits = model(x)
+        F.cross_entropy(logits, y).backward()
+    grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+    return logits.detach(), grads, {n: b.clone() for n, b in model.named_buffers()}
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+@pytest.mark.parametrize("name", NETS + ("concat", "dropout"))
+def test_kept_channel_training_step_equals_masked_dense(name, dtype, batch):
+    x, y = batch
+    model = randomise_bn(_net(name)).train().to(dtype)
+    x = x.to(dtype)
+    pruner = EDropout(model, x[:2], backend="compact")
+    g = torch.Generator().manual_seed(3)
+    state = torch.rand(pruner.num_units, generator=g) < 0.6
+    dense_model = copy.deepcopy(model)
+    before = {k: b.clone() for k, b in model.named_buffers() if "running" in k}
+    out_c, grads_c, bufs_c = _forward_backward(model, pruner.units, state, x, y, True)
+    out_d, grads_d, bufs_d = _forward_backward(dense_model, pruner.units, state, x, y, False)
+    # float32: the two paths sum in different orders; gradients through BatchNorm on 12 samples differ by up to
+    # ~1e-5 of a tensor's scale (measured); float64 pins the arithmetic itself
+    rel = 1e-10 if dtype == torch.float64 else 2e-4
+    close = lambda a, b: bool((a.double() - b.double()).abs().max() <= rel * (1 + b.double().abs().max()))
+    assert close(out_c, out_d)
+    assert grads_c.keys() == grads_d.keys() and len(grads_d) == len(list(model.parameters()))
+    for key in grads_d:
+        assert close(grads_c[key], grads_d[key]), key
+    for key in bufs_d:
+        assert close(bufs_c[key], bufs_d[key]), key
+    assert not before or any(not torch.equal(bufs_c[k], b) for k, b in before.items())  # statistics did move
+
+
+def test_pruned_channels_keep_their_running_statistics(batch):
+    x, y = batch
+    model = randomise_bn(small_net("resnet18")).train()
+    pruner = EDropout(model, x[:2], backend="compact")
+    state = torch.rand(pruner.num_units, generator=torch.Generator().manual_seed(2)) < 0.5
+    keeps = statistics_keeps(model, pruner.units, state)
+    before = {m: (m.running_mean.clone(), m.running_var.clone()) for m in keeps}
+    for kept_only in (True, False):
+        _forward_backward(model, pruner.units, state, x, y, kept_only)
+    moved = 0
+    for m, keep in keeps.items():
+        mean, var = before[m]
+        assert torch.equal(m.running_mean[~keep], mean[~keep]) and torch.equal(m.running_var[~keep], var[~keep])
+        moved += int((m.running_mean[keep] != mean[keep]).sum())
+    assert moved > 0
+
+
+@pytest.mark.parametrize("name", ["resnet18", "lenet", "concat"])
+def test_evolving_run_equals_the_reference_backend(name, batch):
+    """float64, so that energies tie-break alike: same states, weights and statistics step after step."""
+    x, y = batch
+    x = x.double()
+    base = randomise_bn(_net(name)).train().double()
+    runs = []
+    for backend in ("compact", "reference"):
+        model = copy.deepcopy(base)
+        pruner = EDropout(model, x[:2], population_size=6, seed=4, backend=backend, min_iterations=10 ** 6)
+        opt = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9, weight_decay=1e-3)
+        runs.append((pruner, model, opt))
+    assert runs[0][0].trains_kept_channels and not runs[1][0].trains_kept_channels
+    for i in range(5):
+        xb, yb = x[i:i + 8], y[i:i + 8]
+        infos = [p.step(xb, yb, o) for p, _, o in runs]
+        assert torch.equal(runs[0][0].best_state, runs[1][0].best_state)
+        assert infos[0].loss == pytest.approx(infos[1].loss, rel=1e-10)
+    assert not runs[0][0].best_state.all()
+    (_, model_c, _), (_, model_d, _) = runs
+    for (key, a), b in zip(model_c.state_dict().items(), model_d.state_dict().values()):
+        assert torch.allclose(a.double(), b.double(), rtol=1e-9, atol=1e-12), key
+
+
+def test_hooked_models_train_through_the_masked_dense_forward(batch):
+    x, y = batch
+    model = small_net("lenet").train()
+    pruner = EDropout(model, x[:2], backend="compact")
+    calls = []
+    model.classifier[1].register_forward_hook(lambda m, i, o: calls.append(o.shape))  # the interpreter skips it
+    with pytest.warns(RuntimeWarning, match="hooks"):
+        pruner.step(x, y, torch.optim.SGD(model.parameters(), lr=0.01))
+    assert calls and calls[-1][0] == x.shape[0]  # the training forward ran the real module
+
+
+def test_user_module_modes_survive_construction_scoring_and_steps(batch):
+    x, y = batch
+    model = randomise_bn(small_net("alexnet")).train()
+    frozen = [m for m in model.modules() if isinstance(m, (nn.Dropout, nn.BatchNorm2d))]
+    for m in frozen:
+        m.eval()  # a user's switched-off dropout and frozen BatchNorm
+    pruner = EDropout(model, x[:2])
+    pruner.step(x, y, torch.optim.SGD(model.parameters(), lr=0.01))
+    pruner.energies(x, y)
+    assert frozen and all(not m.training for m in frozen)
+    assert model.training
