@@ -10,6 +10,9 @@ pooling and flatten carrying the kept channel lists, and any other op on the ten
 channels), oneDNN's fast path; work that no state affects (e.g. the first conv) is done once per call; ReLUs
 and residual adds overwrite fresh tensors in place; identical states are scored once.
 
+The same interpreter runs the training forward on CPU (``train_logits``): one member, the best state, under
+autograd and in the modules' own modes, so backward fills the dense parameters' gradients from gathered weights.
+
 Energies equal the reference backend's to float tolerance (different summation order only). Where the model
 cannot be interpreted exactly (fx tracing fails, a mask point is not a called module, in-place writes into
 values that other ops read, forward hooks), the batched backend scores instead, with a one-time warning.
