@@ -29,7 +29,7 @@ def _optimizer(model):
     return torch.optim.Adadelta(model.parameters(), lr=1.0, rho=0.9, eps=1e-6, weight_decay=1e-5)
 
 
-def _paths(net, members_list, x, y):
+def iteration_paths(net, members_list, x, y):
     """Callables for one net: the plain iteration, an EDropout iteration per S, and the converged iteration."""
     torch.manual_seed(0)
     plain_model = build_model(net, 1, SIZE, CLASSES)
@@ -63,7 +63,7 @@ def measure(net, members_list, rounds):
     g = torch.Generator().manual_seed(0)
     x = torch.randn(BATCH, 1, SIZE, SIZE, generator=g)
     y = torch.randint(0, CLASSES, (BATCH,), generator=g)
-    paths, rate = _paths(net, members_list, x, y)
+    paths, rate = iteration_paths(net, members_list, x, y)
     for fn in paths.values():
         fn()  # warm-up (plans, caches, allocator)
     times = {name: [] for name in paths}

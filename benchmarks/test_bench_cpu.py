@@ -1,7 +1,9 @@
-"""CPU benchmark of population scoring: energies with the reference, batched and compact backends.
+"""CPU benchmarks in one pytest-benchmark run: energies with the reference, batched and compact backends, and whole
+training iterations (plain, EDropout at S = 8 and 32, converged) from ``cpu_iteration``.
 
 Run with ``python -m pytest benchmarks/test_bench_cpu.py --benchmark-only`` (needs pytest-benchmark), or through
-``python benchmarks/cpu_table.py``, which reuses ``make_case``/``score`` and writes the results table. Fixed setup:
+``python benchmarks/cpu_table.py`` and ``python benchmarks/cpu_iteration.py``, which reuse these cases and write
+the results tables. Fixed setup:
 2 threads, the engine's LeNet-style and ResNet-18-style nets at 28×28 grey input, batch 128, S ∈ {8, 16, 32} and
 keep fraction k ∈ {1.0, 0.5, 0.25}; every member keeps exactly round(k·D) bits, chosen at random, so the
 population's k is exact and each group keeps about k of its channels.
@@ -88,3 +90,28 @@ def test_energies(benchmark, net, members, keep, backend):
     benchmark.extra_info.update(net=net, members=members, keep=keep, backend=backend, batch=BATCH,
                                 threads=THREADS)
     benchmark.pedantic(score, args=(case, backend), rounds=rounds_for(warm), iterations=1)
+
+
+@functools.lru_cache(maxsize=None)
+def iteration_case(net: str):
+    """The plain, EDropout (S = 8 and 32, k = 0.5) and converged iterations of ``cpu_iteration``, on its batch."""
+    from cpu_iteration import iteration_paths
+
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(BATCH, 1, SIZE, SIZE, generator=g)
+    y = torch.randint(0, CLASSES, (BATCH,), generator=g)
+    return iteration_paths(net, [8, 32], x, y)[0]
+
+
+@pytest.mark.parametrize("path", ["plain", "edropout_S8", "edropout_S32", "converged"])
+@pytest.mark.parametrize("net", NETS)
+def test_iteration(benchmark, net, path):
+    """One training iteration (Adadelta, batch 128): compare each path's time with the net's ``plain`` row."""
+    torch.set_num_threads(THREADS)
+    step = iteration_case(net)[path]
+    start = time.perf_counter()
+    step()  # warm-up: plans, caches, allocator
+    warm = time.perf_counter() - start
+    benchmark.group = f"{net} iteration"
+    benchmark.extra_info.update(net=net, path=path, batch=BATCH, threads=THREADS)
+    benchmark.pedantic(step, rounds=rounds_for(warm), iterations=1)
