@@ -71,11 +71,13 @@ def masked_step(optimizer: torch.optim.Optimizer, masks: dict) -> None:
 
 
 def statistics_keeps(model: nn.Module, units: PrunableUnits, state: torch.Tensor) -> dict:
-    """{BatchNorm module: keep-mask [C]} for every masked BatchNorm that tracks running statistics."""
+    """{BatchNorm module: keep-mask [C]} for every masked BatchNorm that tracks running statistics and has a
+    pruned channel (computed once per best state, so the training step itself never waits on the device)."""
     modules = dict(model.named_modules())
     ext = units.extended(state.reshape(1, -1))[0]
-    return {modules[p.module_name]: ext[p.index.to(ext.device)] for p in units.mask_points
-            if isinstance(modules[p.module_name], _NORM) and modules[p.module_name].running_mean is not None}
+    keeps = {modules[p.module_name]: ext[p.index.to(ext.device)] for p in units.mask_points
+             if isinstance(modules[p.module_name], _NORM) and modules[p.module_name].running_mean is not None}
+    return {m: keep for m, keep in keeps.items() if not bool(keep.all())}
 
 
 @contextlib.contextmanager
@@ -83,8 +85,7 @@ def frozen_statistics(keeps: dict):
     """A training forward inside the block updates BatchNorm running statistics; on exit those of pruned channels
     are put back, so a pruned unit's statistics stay as they were, like its weights and optimizer state (and the
     masked dense forward and the kept-channels forward leave the same statistics)."""
-    saved = [(m, keep, m.running_mean.clone(), m.running_var.clone()) for m, keep in keeps.items()
-             if not bool(keep.all())]
+    saved = [(m, keep, m.running_mean.clone(), m.running_var.clone()) for m, keep in keeps.items()]
     try:
         yield
     finally:

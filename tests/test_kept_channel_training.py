@@ -38,6 +38,11 @@ def _net(name):
     if name == "dropout":
         torch.manual_seed(0)
         return DropoutNet()
+    if name == "frozen_bn":  # every other BatchNorm in eval mode inside a training model: running statistics
+        model = randomise_bn(small_net("resnet18"))
+        for i, m in enumerate(m for m in model.modules() if isinstance(m, nn.BatchNorm2d)):
+            m.train(i % 2 == 0)
+        return model
     return small_net(name) if name != "concat" else ConcatNet()
 
 
@@ -58,10 +63,13 @@ def _forward_backward(model, units, state, x, y, kept_only):
 
 
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
-@pytest.mark.parametrize("name", NETS + ("concat", "dropout"))
+@pytest.mark.parametrize("name", NETS + ("concat", "dropout", "frozen_bn"))
 def test_kept_channel_training_step_equals_masked_dense(name, dtype, batch):
     x, y = batch
-    model = randomise_bn(_net(name)).train().to(dtype)
+    model = _net(name)
+    if name != "frozen_bn":
+        model = randomise_bn(model).train()
+    model = model.to(dtype)
     x = x.to(dtype)
     pruner = EDropout(model, x[:2], backend="compact")
     g = torch.Generator().manual_seed(3)
