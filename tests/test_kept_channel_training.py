@@ -143,6 +143,28 @@ def test_hooked_models_train_through_the_masked_dense_forward(batch):
     assert calls and calls[-1][0] == x.shape[0]  # the training forward ran the real module
 
 
+def test_a_failing_training_forward_falls_back_once_with_the_model_untouched(batch, monkeypatch):
+    x, y = batch
+    model = randomise_bn(small_net("resnet18")).train()
+    pruner = EDropout(model, x[:2], backend="compact")
+    reference = copy.deepcopy(model)
+    from edropout.backends import _compact_exec
+
+    calls = []
+
+    def failing_linear(step, ctx, args, kwargs):  # the last layer: BatchNorm statistics have already moved
+        calls.append(1)
+        raise RuntimeError("unsupported op")
+
+    monkeypatch.setitem(_compact_exec.HANDLERS, "linear", failing_linear)
+    state = torch.rand(pruner.num_units, generator=torch.Generator().manual_seed(2)) < 0.6
+    with pytest.warns(RuntimeWarning, match="unsupported op"):
+        assert compact.train_logits(model, pruner.units, state, x) is None
+    for (key, a), b in zip(model.state_dict().items(), reference.state_dict().values()):
+        assert torch.equal(a, b), key
+    assert compact.train_logits(model, pruner.units, state, x) is None and len(calls) == 1  # not retried
+
+
 def test_user_module_modes_survive_construction_scoring_and_steps(batch):
     x, y = batch
     model = randomise_bn(small_net("alexnet")).train()

@@ -104,5 +104,24 @@ def train_logits(model, units, state: torch.Tensor, x: torch.Tensor):
     plan = plan_for(model, units, x, True, training=True)
     if isinstance(plan, CompactUnsupported) or _has_hooks(model, plan):
         return None
-    return run(plan, model, state.reshape(1, -1), x, True, train=True)[0]
+    entry = _PLANS[model]
+    if entry.get("train_ran"):
+        return run(plan, model, state.reshape(1, -1), x, True, train=True)[0]
+    # the first training forward of a model: an op the interpreter cannot run under autograd is not fatal; the
+    # buffers and random state it may have moved are put back and the masked dense forward takes over for good
+    buffers = {name: b.clone() for name, b in model.named_buffers()}
+    rng = torch.get_rng_state()
+    try:
+        out = run(plan, model, state.reshape(1, -1), x, True, train=True)[0]
+    except Exception as exc:  # any failure: the dense path is always exact
+        with torch.no_grad():
+            for name, b in model.named_buffers():
+                b.copy_(buffers[name])
+        torch.set_rng_state(rng)
+        entry["train"] = CompactUnsupported(f"the training forward failed ({type(exc).__name__}: {exc})")
+        warnings.warn(f"compact backend: {entry['train']}; training with the masked dense forward instead",
+                      RuntimeWarning, stacklevel=3)
+        return None
+    entry["train_ran"] = True
+    return out
 
