@@ -22,7 +22,7 @@ from edropout.export import export_pruned
 from edropout.flops import count_flops, count_parameters
 from edropout.magnitude_pruning import magnitude_state_for_rate
 from edropout.models import build_model
-from edropout.report import benchmark_setup, plot_history, run_metadata
+from edropout.report import benchmark_setup, figure, plot_history, run_metadata
 from edropout.training import evaluate, make_optimizer, train_edropout, train_plain
 
 METHODS = ("dense", "edropout", "l1")
@@ -127,24 +127,16 @@ def markdown(table, meta, checks):
 
 
 def plot_accuracy(table, path):
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(6, 4))
-    for method, marker in zip(METHODS, "osD"):
-        xs = [100 - table[n][method]["params_removed"][0] for n in table]
-        ys = [table[n][method]["top1"][0] for n in table]
-        ax.scatter(xs, ys, marker=marker, label=method)
-        for n, x, y in zip(table, xs, ys):
-            ax.annotate(n, (x, y), fontsize=7)
-    ax.set_xlabel("% of parameters kept")
-    ax.set_ylabel("Top-1 (%)")
-    ax.legend()
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    with figure(path, (6, 4)) as (fig, ax):
+        for method, marker in zip(METHODS, "osD"):
+            xs = [100 - table[n][method]["params_removed"][0] for n in table]
+            ys = [table[n][method]["top1"][0] for n in table]
+            ax.scatter(xs, ys, marker=marker, label=method)
+            for n, x, y in zip(table, xs, ys):
+                ax.annotate(n, (x, y), fontsize=7)
+        ax.set_xlabel("% of parameters kept")
+        ax.set_ylabel("Top-1 (%)")
+        ax.legend()
 
 
 def main(argv=None):

@@ -30,7 +30,7 @@ from edropout.magnitude_pruning import conv_filter_count, conv_filter_units, mag
 from edropout.models import build_model
 from edropout.regularizers import (apply_batch_bridgeout, apply_dropout, disable_dropout, remove_bridgeout,
                                    remove_dropout)
-from edropout.report import benchmark_setup, run_metadata
+from edropout.report import benchmark_setup, figure, run_metadata
 from edropout.training import evaluate, make_optimizer, train_edropout, train_plain
 
 CURVES = ("batch_bridgeout", "dropout", "weight_decay")
@@ -156,28 +156,20 @@ def markdown(table, meta):
 
 def plot_curves(table, meta, path):
     """Top-1 against the share of conv filters removed: one line per method, EDropout as a single point."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(8.5, 4.2))
-    for method, marker in zip(CURVES, "osD"):
-        points = table["curves"][method]["points"]
-        ax.errorbar([p["filters_removed"][0] for p in points], [p["top1"][0] for p in points],
-                    yerr=[p["top1"][1] for p in points], marker=marker, capsize=3, label=LABELS[method])
-    e = table["edropout"]
-    ax.plot(e["filters_removed"][0], e["top1"][0], "*", markersize=14, color="black", zorder=5,
-            label=f"{LABELS['edropout']} ({e['params_removed'][0]:.0f}% params removed)")
-    ax.axhline(100 / 10, color="grey", linestyle=":", linewidth=1, label="chance")
-    ax.set_xlabel("conv filters removed (%), lowest L2 norm per layer, no fine-tuning")
-    ax.set_ylabel("Top-1 (%)")
-    ax.set_title(f"{meta['net']} w{meta['width']}, Fashion-MNIST, {meta['epochs']} epochs ({meta['config']})",
-                 fontsize=9)
-    ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1.0))  # outside: never hides a point
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    with figure(path, (8.5, 4.2)) as (fig, ax):
+        for method, marker in zip(CURVES, "osD"):
+            points = table["curves"][method]["points"]
+            ax.errorbar([p["filters_removed"][0] for p in points], [p["top1"][0] for p in points],
+                        yerr=[p["top1"][1] for p in points], marker=marker, capsize=3, label=LABELS[method])
+        e = table["edropout"]
+        ax.plot(e["filters_removed"][0], e["top1"][0], "*", markersize=14, color="black", zorder=5,
+                label=f"{LABELS['edropout']} ({e['params_removed'][0]:.0f}% params removed)")
+        ax.axhline(100 / 10, color="grey", linestyle=":", linewidth=1, label="chance")
+        ax.set_xlabel("conv filters removed (%), lowest L2 norm per layer, no fine-tuning")
+        ax.set_ylabel("Top-1 (%)")
+        ax.set_title(f"{meta['net']} w{meta['width']}, Fashion-MNIST, {meta['epochs']} epochs ({meta['config']})",
+                     fontsize=9)
+        ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1.0))  # outside: never hides a point
 
 
 def main(argv=None):

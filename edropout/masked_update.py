@@ -18,7 +18,8 @@ from .units import _NORM, PrunableUnits
 
 
 def keep_masks(model: nn.Module, units: PrunableUnits, state: torch.Tensor) -> dict:
-    """Boolean keep-mask (broadcastable to the parameter) for every parameter a bit can remove."""
+    """Boolean keep-mask (broadcastable to the parameter) for every parameter of which ``state`` prunes something
+    (computed once per best state, so that the masked step does no work for untouched parameters)."""
     params = dict(model.named_parameters())
     ext = units.extended(state.reshape(1, -1))[0]
     masks = {}
@@ -29,7 +30,8 @@ def keep_masks(model: nn.Module, units: PrunableUnits, state: torch.Tensor) -> d
             shape = [1] * param.dim()
             shape[dim] = -1
             keep = keep & ext[index.to(ext.device)].to(param.device).view(shape)
-        masks[param] = keep
+        if not bool(keep.all()):
+            masks[param] = keep
     return masks
 
 

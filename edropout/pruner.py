@@ -37,6 +37,11 @@ class StepInfo:
     converged: bool
 
 
+def _pruning_rate(model, units, state) -> float:
+    """Share of trainable parameters that ``state`` removes (``EDropout._derived`` caches it per best state)."""
+    return float(units.pruning_rate(state.cpu().unsqueeze(0))[0])
+
+
 class EDropout:
     """Energy-based pruning of ``model``'s channels by binary differential evolution.
 
@@ -83,7 +88,7 @@ class EDropout:
         self.iteration = 0
         self.converged = False
         self.pruned_values = {}
-        self._keep_masks = self._row_col_keeps = self._statistics_keeps = None
+        self._of_best = {}  # masks derived from the best state, rebuilt when it changes
 
     # ----- scoring -------------------------------------------------------------------------------------
     @property
@@ -155,15 +160,19 @@ class EDropout:
         changed = not torch.equal(best, self.best_state)  # the one host synchronisation of an iteration
         self.best_state = best.clone()
         if changed:
-            self._keep_masks = self._row_col_keeps = self._statistics_keeps = None
+            self._of_best = {}
         if self.convergence.update(self.iteration + 1, changed):
             self.finalize()
 
     # ----- training ------------------------------------------------------------------------------------
+    def _derived(self, make):
+        """``make(model, units, best_state)``, computed once per best state."""
+        if make not in self._of_best:
+            self._of_best[make] = make(self.model, self.units, self.best_state)
+        return self._of_best[make]
+
     def _masks(self):
-        if self._keep_masks is None:
-            self._keep_masks = keep_masks(self.model, self.units, self.best_state)
-        return self._keep_masks
+        return self._derived(keep_masks)
 
     def step(self, x: torch.Tensor, y: torch.Tensor, optimizer: torch.optim.Optimizer) -> StepInfo:
         """One EDropout iteration: evolve and select (until converged), then a masked training step."""
@@ -173,10 +182,8 @@ class EDropout:
         if self.converged and self.compact_after_convergence and self.units.traced:
             loss = self._compact_trainer(optimizer).step(x, y)
         else:
-            if self._statistics_keeps is None:
-                self._statistics_keeps = statistics_keeps(self.model, self.units, self.best_state)
             # restored after backward: autograd saves the running statistics it was given and checks their versions
-            with frozen_statistics(self._statistics_keeps):
+            with frozen_statistics(self._derived(statistics_keeps)):
                 loss = F.cross_entropy(self._training_logits(x), y)
                 optimizer.zero_grad(set_to_none=True)
                 loss.backward()
@@ -209,9 +216,7 @@ class EDropout:
         if self.accelerated:
             from edropout_kernels.masked_optimizer import fused_masked_step
 
-            if self._row_col_keeps is None:
-                self._row_col_keeps = row_col_keeps(self.model, self.units, self.best_state)
-            if fused_masked_step(optimizer, self._row_col_keeps):
+            if fused_masked_step(optimizer, self._derived(row_col_keeps)):
                 return
         masked_step(optimizer, self._masks())
 
@@ -242,7 +247,7 @@ class EDropout:
     @property
     def pruning_rate(self) -> float:
         """Share of trainable parameters that the best state removes when exported."""
-        return float(self.units.pruning_rate(self.best_state.cpu().unsqueeze(0))[0])
+        return self._derived(_pruning_rate)
 
     @contextlib.contextmanager
     def full_network(self):
@@ -299,6 +304,6 @@ class EDropout:
         self.converged = bool(state["converged"])
         self.convergence.unchanged = int(state["unchanged"])
         self.seed = int(state["seed"])
-        self._keep_masks = self._row_col_keeps = self._statistics_keeps = None
+        self._of_best = {}
         self._compact = None
         self.pruned_values = state.get("pruned_values", {})

@@ -2,6 +2,7 @@
 that the benchmarks' tables state (machine, torch version, date)."""
 from __future__ import annotations
 
+import contextlib
 import datetime
 import json
 import os
@@ -65,30 +66,40 @@ def write_json(report: dict, out_dir: str) -> str:
     return path
 
 
-def plot_history(history: list, out_dir: str, converged_at=None, prefix: str = "") -> list:
-    """``energy.png`` (best and mean stored energy) and ``pruning.png`` (pruning rate) per iteration."""
+@contextlib.contextmanager
+def figure(path: str, figsize):
+    """``(fig, ax)`` on matplotlib's file-only Agg backend; on exit laid out, saved to ``path`` at 120 dpi and
+    closed (closed on errors too, so a failing plot leaks no figure)."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    fig, ax = plt.subplots(figsize=figsize)
+    try:
+        yield fig, ax
+        fig.tight_layout()
+        fig.savefig(path, dpi=120)
+    finally:
+        plt.close(fig)
+
+
+def plot_history(history: list, out_dir: str, converged_at=None, prefix: str = "") -> list:
+    """``energy.png`` (best and mean stored energy) and ``pruning.png`` (pruning rate) per iteration."""
     it = [h["iteration"] for h in history]
     paths = []
     for name, series, ylabel in (
             ("energy.png", (("best energy", "best_energy"), ("mean energy", "mean_energy")), "energy"),
             ("pruning.png", (("parameters removed (%)", "pruning_rate"),), "% of parameters removed")):
-        fig, ax = plt.subplots(figsize=(6, 3.5))
-        for label, key in series:
-            scale = 100.0 if key == "pruning_rate" else 1.0
-            ax.plot(it, [scale * h[key] for h in history], label=label)
-        if converged_at:
-            ax.axvline(converged_at, color="grey", linestyle="--", label="state frozen")
-        ax.set_xlabel("iteration")
-        ax.set_ylabel(ylabel)
-        ax.legend()
-        fig.tight_layout()
         path = os.path.join(out_dir, prefix + name)
-        fig.savefig(path, dpi=120)
-        plt.close(fig)
+        with figure(path, (6, 3.5)) as (fig, ax):
+            for label, key in series:
+                scale = 100.0 if key == "pruning_rate" else 1.0
+                ax.plot(it, [scale * h[key] for h in history], label=label)
+            if converged_at:
+                ax.axvline(converged_at, color="grey", linestyle="--", label="state frozen")
+            ax.set_xlabel("iteration")
+            ax.set_ylabel(ylabel)
+            ax.legend()
         paths.append(path)
     return paths

@@ -49,6 +49,24 @@ def check_vector(name: str, v: torch.Tensor | None, n: int) -> torch.Tensor | No
     return v.contiguous().to(torch.float32)
 
 
+def check_population_args(x, weight, bias, in_keep, out_keep, scale, shift, out, members: int, n_inputs: int,
+                          n_outputs: int):
+    """The shared checks of a population GEMM wrapper: one device, keep-masks [S, inputs] and [S, outputs],
+    per-output vectors; returns (weight in ``x``'s dtype, bias, in_keep, out_keep, scale, shift)."""
+    check_device(x, weight, bias, in_keep, out_keep, scale, shift, out)
+    return (weight.to(x.dtype), check_vector("bias", bias, n_outputs),
+            check_keep("in_keep", in_keep, members, n_inputs), check_keep("out_keep", out_keep, members, n_outputs),
+            check_vector("scale", scale, n_outputs), check_vector("shift", shift, n_outputs))
+
+
+def epilogue_launch_flags(x, bias, scale, shift, relu, allow_tf32) -> dict:
+    """The constexpr launch arguments of a population GEMM kernel: its epilogue and its dot precision."""
+    return dict(HAS_BIAS=bias is not None, HAS_SCALE=scale is not None, HAS_SHIFT=shift is not None,
+                RELU=bool(relu), INPUT_PRECISION=dot_precision(x.dtype, allow_tf32),
+                # Triton's CPU interpreter miscomputes bfloat16 dots; the kernels upcast exactly instead
+                DOT_FP32=INTERPRET and x.dtype == torch.bfloat16)
+
+
 def split_rows(rows: int, members: int) -> int:
     """Rows per member of a member-major batch of ``rows`` rows; raise if it does not divide."""
     if members < 1 or rows % members != 0:

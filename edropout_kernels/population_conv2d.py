@@ -14,9 +14,9 @@ import torch
 import triton
 import triton.language as tl
 
-from ._checks import (INTERPRET, check_device, check_float, check_keep, check_vector, dot_precision,
-                      pow2_between, prepare_out, split_rows)
+from ._checks import check_float, check_population_args, epilogue_launch_flags, pow2_between, prepare_out, split_rows
 from ._compaction import compact_keep
+from ._epilogue import channel_epilogue
 
 __all__ = ["population_conv2d"]
 
@@ -72,15 +72,7 @@ def _population_conv2d_kernel(
                 w = w.to(tl.float32)
             acc = tl.dot(a, w, acc, input_precision=INPUT_PRECISION)
 
-    if HAS_BIAS:
-        acc += tl.load(b_ptr + cols, mask=kept_n, other=0.0)[None, :]
-    if HAS_SCALE:
-        acc *= tl.load(scale_ptr + cols, mask=kept_n, other=0.0)[None, :]
-    if HAS_SHIFT:
-        acc += tl.load(shift_ptr + cols, mask=kept_n, other=0.0)[None, :]
-    if RELU:
-        acc = tl.maximum(acc, 0.0)
-    acc = tl.where(kept_n[None, :], acc, 0.0)
+    acc = channel_epilogue(acc, cols, kept_n, b_ptr, scale_ptr, shift_ptr, HAS_BIAS, HAS_SCALE, HAS_SHIFT, RELU)
     y_off = (img * sy_n + (rem // OW) * sy_h + (rem % OW) * sy_w)[:, None] + cols[None, :] * sy_c
     tl.store(y_ptr + y_off, acc.to(y_ptr.dtype.element_ty), mask=m_ok[:, None] & col_ok[None, :])
 
@@ -135,13 +127,8 @@ def population_conv2d(x, weight, bias, in_keep, out_keep, *, members, stride=1, 
     if out_h < 1 or out_w < 1:
         raise ValueError(f"kernel {kh}x{kw} does not fit input {height}x{width} with padding {padding}")
     batch = split_rows(rows, members)
-    check_device(x, weight, bias, in_keep, out_keep, scale, shift, out)
-    in_keep = check_keep("in_keep", in_keep, members, channels)
-    out_keep = check_keep("out_keep", out_keep, members, n_outputs)
-    bias = check_vector("bias", bias, n_outputs)
-    scale = check_vector("scale", scale, n_outputs)
-    shift = check_vector("shift", shift, n_outputs)
-    weight = weight.to(x.dtype)
+    weight, bias, in_keep, out_keep, scale, shift = check_population_args(
+        x, weight, bias, in_keep, out_keep, scale, shift, out, members, channels, n_outputs)
     shape = (rows, n_outputs, out_h, out_w)
     if out is None:
         fmt = torch.channels_last if _is_channels_last(x) else torch.contiguous_format
@@ -164,10 +151,7 @@ def population_conv2d(x, weight, bias, in_keep, out_keep, *, members, stride=1, 
         in_idx, n_in, out_idx, n_out,
         batch, channels, height, width, n_outputs, out_h, out_w, kh, kw, sh, sw, ph, pw,
         *x.stride(), *weight.stride(), *y.stride(),
-        HAS_BIAS=bias is not None, HAS_SCALE=scale is not None, HAS_SHIFT=shift is not None,
-        RELU=bool(relu), BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk,
-        INPUT_PRECISION=dot_precision(x.dtype, allow_tf32),
-        DOT_FP32=INTERPRET and x.dtype == torch.bfloat16,
-        num_warps=4,
+        BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, num_warps=4,
+        **epilogue_launch_flags(x, bias, scale, shift, relu, allow_tf32),
     )
     return y

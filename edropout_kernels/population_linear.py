@@ -9,13 +9,12 @@ columns come out exactly 0 without a separate zero-fill pass and without a host 
 
 from __future__ import annotations
 
-import torch
 import triton
 import triton.language as tl
 
-from ._checks import (INTERPRET, check_device, check_float, check_keep, check_vector, dot_precision,
-                      pow2_between, prepare_out, split_rows)
+from ._checks import check_float, check_population_args, epilogue_launch_flags, pow2_between, prepare_out, split_rows
 from ._compaction import compact_keep
+from ._epilogue import channel_epilogue
 
 __all__ = ["population_linear"]
 
@@ -60,15 +59,7 @@ def _population_linear_kernel(
             w = w.to(tl.float32)
         acc = tl.dot(a, w, acc, input_precision=INPUT_PRECISION)
 
-    if HAS_BIAS:
-        acc += tl.load(b_ptr + cols, mask=kept_n, other=0.0).to(tl.float32)[None, :]
-    if HAS_SCALE:
-        acc *= tl.load(scale_ptr + cols, mask=kept_n, other=0.0)[None, :]
-    if HAS_SHIFT:
-        acc += tl.load(shift_ptr + cols, mask=kept_n, other=0.0)[None, :]
-    if RELU:
-        acc = tl.maximum(acc, 0.0)
-    acc = tl.where(kept_n[None, :], acc, 0.0)
+    acc = channel_epilogue(acc, cols, kept_n, b_ptr, scale_ptr, shift_ptr, HAS_BIAS, HAS_SCALE, HAS_SHIFT, RELU)
     tl.store(y_ptr + rows[:, None] * stride_ym + cols[None, :] * stride_yn,
              acc.to(y_ptr.dtype.element_ty), mask=row_ok[:, None] & col_ok[None, :])
 
@@ -96,13 +87,8 @@ def population_linear(x, weight, bias, in_keep, out_keep, *, members, scale=None
     if weight.shape[1] != n_inputs:
         raise ValueError(f"weight has {weight.shape[1]} inputs but x has {n_inputs}")
     batch = split_rows(rows, members)
-    check_device(x, weight, bias, in_keep, out_keep, scale, shift, out)
-    in_keep = check_keep("in_keep", in_keep, members, n_inputs)
-    out_keep = check_keep("out_keep", out_keep, members, n_outputs)
-    bias = check_vector("bias", bias, n_outputs)
-    scale = check_vector("scale", scale, n_outputs)
-    shift = check_vector("shift", shift, n_outputs)
-    weight = weight.to(x.dtype)
+    weight, bias, in_keep, out_keep, scale, shift = check_population_args(
+        x, weight, bias, in_keep, out_keep, scale, shift, out, members, n_inputs, n_outputs)
     y = prepare_out(out, (rows, n_outputs), x)
     if rows == 0 or n_outputs == 0:
         return y
@@ -120,10 +106,7 @@ def population_linear(x, weight, bias, in_keep, out_keep, *, members, scale=None
         in_idx, n_in, out_idx, n_out,
         batch, n_inputs, n_outputs,
         x.stride(0), x.stride(1), weight.stride(0), weight.stride(1), y.stride(0), y.stride(1),
-        HAS_BIAS=bias is not None, HAS_SCALE=scale is not None, HAS_SHIFT=shift is not None,
-        RELU=bool(relu), BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk,
-        INPUT_PRECISION=dot_precision(x.dtype, allow_tf32),
-        DOT_FP32=INTERPRET and x.dtype == torch.bfloat16,
-        num_warps=4,
+        BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, num_warps=4,
+        **epilogue_launch_flags(x, bias, scale, shift, relu, allow_tf32),
     )
     return y

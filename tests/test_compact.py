@@ -100,13 +100,19 @@ class OddNet(nn.Module):
         return self.out(z * 2.0)
 
 
+def _planned(net_class, x, eval_mode):
+    """A seeded ``net_class`` with random BatchNorm, its compact pruner, and its compact plan."""
+    torch.manual_seed(0)
+    model = randomise_bn(net_class())
+    pruner = EDropout(model, x[:2], backend="compact", score_in_eval_mode=eval_mode)
+    return model, pruner, compact.plan_for(model, pruner.units, x, pruner.batch_statistics)
+
+
 @pytest.mark.parametrize("eval_mode", [False, True])
 def test_unusual_ops_fall_back_to_dense_exactly(eval_mode, batch):
     x, y = batch
-    torch.manual_seed(0)
-    model = randomise_bn(OddNet())
-    pruner = EDropout(model, x[:2], backend="compact", score_in_eval_mode=eval_mode)
-    kinds = {s.kind for s in compact.plan_for(model, pruner.units, x, pruner.batch_statistics).member}
+    model, pruner, plan = _planned(OddNet, x, eval_mode)
+    kinds = {s.kind for s in plan.member}
     assert {"function", "module", "cat", "view", "select", "binary"} <= kinds  # the dense paths are exercised
     assert compact.supported(model, pruner.units, x, pruner.batch_statistics)
     ref, fast = _pair(pruner, _states(pruner), x, y)
@@ -134,10 +140,7 @@ class StemNet(nn.Module):
 @pytest.mark.parametrize("eval_mode", [False, True])
 def test_per_channel_ops_of_a_shared_stem_run_once_at_full_width(eval_mode, batch):
     x, y = batch
-    torch.manual_seed(0)
-    model = randomise_bn(StemNet())
-    pruner = EDropout(model, x[:2], backend="compact", score_in_eval_mode=eval_mode)
-    plan = compact.plan_for(model, pruner.units, x, pruner.batch_statistics)
+    model, pruner, plan = _planned(StemNet, x, eval_mode)
     shared_kinds = [s.kind for s in plan.shared]
     member_kinds = [s.kind for s in plan.member]
     assert "zero" in shared_kinds and "pool" in shared_kinds  # relu and max-pool of the stem: once per call

@@ -3,7 +3,6 @@ import copy
 
 import pytest
 import torch
-import torch.nn as nn
 
 from edropout import EDropout
 from edropout.masking import scoring

@@ -14,7 +14,7 @@ import math
 import torch
 import torch.nn.functional as F
 
-from ._compact_plan import POOL_MODULES, ZERO_MODULES, Plan, Ref
+from ._compact_plan import DROPOUT_MODULES, POOL_MODULES, ZERO_MODULES, Plan, Ref
 from ._compact_values import ChannelTable, Packed, _as_rows, _channels_last, align, dense, dense_tree, select
 
 # Convolutions run in channels-last layout, oneDNN's fast path on CPU. Measured (batch 128, min of 12, 2 threads):
@@ -22,7 +22,6 @@ from ._compact_values import ChannelTable, Packed, _as_rows, _channels_last, ali
 # 4.8 ms vs 0.8 ms; train-mode BatchNorm of 128×16×28×28 (1 thread) 3.6 ms vs 1.6 ms.
 CHANNELS_LAST = True
 _BINARY = {"add": torch.add, "sub": torch.sub, "mul": torch.mul, "div": torch.div}
-_DROPOUTS = (torch.nn.Dropout, torch.nn.Dropout1d, torch.nn.Dropout2d, torch.nn.Dropout3d, torch.nn.AlphaDropout)
 
 
 class Context:
@@ -246,7 +245,7 @@ def zero_module(step, ctx, args, kwargs):
         return zero(step, ctx, args, kwargs)
     mod = ctx.modules[step.target]
     x = args[0]
-    if ctx.train and mod.training and isinstance(mod, _DROPOUTS):
+    if ctx.train and mod.training and isinstance(mod, DROPOUT_MODULES):
         # full width and the layout of the eager forward (that of the input): the same random draws land on the
         # same elements as in the masked dense forward
         full = dense(x)

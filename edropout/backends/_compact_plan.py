@@ -67,6 +67,8 @@ class Plan:
 
 
 # ----- what each op does to a channel-compact tensor --------------------------------------------------------------
+# Dropout modules: the identity in eval mode (scoring); a training plan runs them for real (``_compact_exec``).
+DROPOUT_MODULES = (nn.Dropout, nn.Dropout1d, nn.Dropout2d, nn.Dropout3d, nn.AlphaDropout)
 # Modules that act elementwise and map 0 to 0, as out-of-place functions of (module, x) in eval mode.
 ZERO_MODULES = {
     nn.ReLU: lambda m, x: F.relu(x), nn.ReLU6: lambda m, x: F.relu6(x),
@@ -76,8 +78,7 @@ ZERO_MODULES = {
     nn.Mish: lambda m, x: F.mish(x), nn.Hardswish: lambda m, x: F.hardswish(x), nn.Tanh: lambda m, x: torch.tanh(x),
     nn.Softsign: lambda m, x: F.softsign(x), nn.Tanhshrink: lambda m, x: F.tanhshrink(x),
     nn.Hardshrink: lambda m, x: F.hardshrink(x, m.lambd), nn.Softshrink: lambda m, x: F.softshrink(x, m.lambd),
-    nn.Identity: lambda m, x: x, nn.Dropout: lambda m, x: x, nn.Dropout1d: lambda m, x: x,
-    nn.Dropout2d: lambda m, x: x, nn.Dropout3d: lambda m, x: x, nn.AlphaDropout: lambda m, x: x,
+    nn.Identity: lambda m, x: x, **{dropout: lambda m, x: x for dropout in DROPOUT_MODULES},
 }
 # Pooling modules act per channel on (N, C, *spatial) and map an all-zero channel to zeros.
 POOL_MODULES = {nn.MaxPool1d: 1, nn.MaxPool2d: 2, nn.MaxPool3d: 3, nn.AvgPool1d: 1, nn.AvgPool2d: 2,

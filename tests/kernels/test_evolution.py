@@ -9,8 +9,8 @@ import pytest
 import torch
 
 from edropout_kernels.evolution import draw_evolution_randoms, make_children, select_and_best
+from kernel_helpers import DEVICE
 
-DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 BIG_BLOCK = 4096  # fewer, larger programs: faster in the interpreter, same numbers (block-independent)
 
 

@@ -1,15 +1,13 @@
 """population_energies (margin and cross-entropy per member, one launch) against float64 references."""
 
-import os
 import warnings
 
 import pytest
 import torch
 
 from edropout_kernels import population_energies
+from kernel_helpers import DEVICE
 
-ON_CUDA = torch.cuda.is_available() and os.environ.get("TRITON_INTERPRET", "0") != "1"
-DEVICE = "cuda" if ON_CUDA else "cpu"
 RTOL = 1e-4  # no tensor cores here: fp32 everywhere
 
 

@@ -11,8 +11,8 @@ import pytest
 import torch
 
 from edropout_kernels.masked_optimizer import fused_masked_step, supports
+from kernel_helpers import DEVICE
 
-DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 RTOL, ATOL = 1e-6, 1e-7
 SHAPES = [(17, 3, 3, 3), (5, 130), (17,), (17,), (4, 6, 7)]  # conv, linear, bias, BN vector, 3-D
 

@@ -12,8 +12,7 @@ import torch
 from edropout.regularizers import bridgeout_weight, smallest_magnitude_mask, sparseout
 from edropout_kernels.bridgeout import bridgeout_mask, bridgeout_weight_triton
 from edropout_kernels.sparseout import sparseout_mask, sparseout_triton
-
-DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+from kernel_helpers import DEVICE
 
 
 def _input(shape, seed=0, zeros=5):

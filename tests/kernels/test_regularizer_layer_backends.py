@@ -19,20 +19,9 @@ import torch.nn as nn
 from edropout.regularizers import (Sparseout, apply_batch_bridgeout, apply_bridgeout, remove_bridgeout)
 from edropout_kernels.bridgeout import bridgeout_mask
 from edropout_kernels.sparseout import sparseout_mask
+from kernel_helpers import DEVICE
 
-DEVICE = "cuda" if torch.cuda.is_available() and os.environ.get("TRITON_INTERPRET", "0") != "1" else "cpu"
 RTOL, ATOL = 1e-5, 1e-5
-
-
-@pytest.fixture(autouse=True)
-def exact_fp32():
-    """No TF32, so that on a GPU both paths compute exact float32 convolutions and matmuls."""
-    cudnn, precision = torch.backends.cudnn.allow_tf32, torch.get_float32_matmul_precision()
-    torch.backends.cudnn.allow_tf32 = False
-    torch.set_float32_matmul_precision("highest")
-    yield
-    torch.backends.cudnn.allow_tf32 = cudnn
-    torch.set_float32_matmul_precision(precision)
 
 
 def _randn(*shape, seed=0, zeros=0):

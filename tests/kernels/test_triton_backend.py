@@ -19,20 +19,9 @@ from edropout import EDropout
 from edropout.backends import resolve_backend
 from edropout.backends import triton as triton_backend
 from nets import randomise_bn, small_net
+from kernel_helpers import DEVICE
 
-DEVICE = "cuda" if torch.cuda.is_available() and os.environ.get("TRITON_INTERPRET", "0") != "1" else "cpu"
 TOL = 1e-4
-
-
-@pytest.fixture(autouse=True)
-def exact_fp32():
-    """No TF32 anywhere, so reference and kernels agree to fp32 tolerance on a GPU too."""
-    cudnn, precision = torch.backends.cudnn.allow_tf32, torch.get_float32_matmul_precision()
-    torch.backends.cudnn.allow_tf32 = False
-    torch.set_float32_matmul_precision("highest")
-    yield
-    torch.backends.cudnn.allow_tf32 = cudnn
-    torch.set_float32_matmul_precision(precision)
 
 
 @pytest.fixture
