@@ -12,5 +12,5 @@ setup(
     install_requires=["torch>=2.4", "triton>=3.0", "numpy", "torch-pruning>=1.5", "scikit-learn",
                       "matplotlib", "tqdm"],
     extras_require={"test": ["pytest", "pytest-benchmark"]},
-    entry_points={"console_scripts": ["edropout=edropout.cli:main"]},
+    entry_points={"console_scripts": ["edropout=edropout.app.cli:main"]},
 )

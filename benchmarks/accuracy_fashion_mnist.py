@@ -17,13 +17,13 @@ import time
 
 import torch
 
-from edropout.data import load_benchmark_data
+from edropout.app.data import load_benchmark_data
 from edropout.export import export_pruned
 from edropout.flops import count_flops, count_parameters
 from edropout.magnitude_pruning import magnitude_state_for_rate
-from edropout.models import build_model
-from edropout.report import benchmark_setup, figure, plot_history, run_metadata
-from edropout.training import evaluate, make_optimizer, train_edropout, train_plain
+from edropout.app.models import build_model
+from edropout.app.report import benchmark_setup, figure, plot_history, run_metadata
+from edropout.app.training import evaluate, make_optimizer, train_edropout, train_plain
 
 METHODS = ("dense", "edropout", "l1")
 

@@ -19,8 +19,8 @@ import torch
 import torch.nn.functional as F
 
 from edropout import EDropout
-from edropout.models import build_model
-from edropout.report import run_metadata
+from edropout.app.models import build_model
+from edropout.app.report import run_metadata
 
 THREADS, BATCH, SIZE, CLASSES, KEEP = 2, 128, 28, 10, 0.5
 

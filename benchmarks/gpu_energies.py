@@ -33,7 +33,7 @@ import torch.nn as nn
 
 from edropout.backends import SCORERS
 from edropout.energy import margin_energy
-from edropout.models import build_model
+from edropout.app.models import build_model
 from edropout.units import discover_units
 
 PATHS = ("reference", "batched", "compact", "triton")

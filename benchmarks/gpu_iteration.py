@@ -20,7 +20,7 @@ import torch.nn.functional as F
 
 from edropout import EDropout
 from edropout.masked_update import keep_masks, masked_step, row_col_keeps
-from edropout.models import build_model
+from edropout.app.models import build_model
 
 
 def bench(fn, device) -> float:

@@ -23,15 +23,15 @@ import time
 
 import torch
 
-from edropout.data import load_benchmark_data
+from edropout.app.data import load_benchmark_data
 from edropout.export import export_pruned
 from edropout.flops import count_parameters
 from edropout.magnitude_pruning import conv_filter_count, conv_filter_units, magnitude_state
-from edropout.models import build_model
+from edropout.app.models import build_model
 from edropout.regularizers import (apply_batch_bridgeout, apply_dropout, disable_dropout, remove_bridgeout,
                                    remove_dropout)
-from edropout.report import benchmark_setup, figure, run_metadata
-from edropout.training import evaluate, make_optimizer, train_edropout, train_plain
+from edropout.app.report import benchmark_setup, figure, run_metadata
+from edropout.app.training import evaluate, make_optimizer, train_edropout, train_plain
 
 CURVES = ("batch_bridgeout", "dropout", "weight_decay")
 LABELS = {"batch_bridgeout": "Batch Bridgeout", "dropout": "Dropout", "weight_decay": "Weight decay",

@@ -18,7 +18,7 @@ import torch
 
 from edropout import EDropout
 from edropout.backends import SCORERS, compact
-from edropout.models import build_model
+from edropout.app.models import build_model
 
 THREADS = 2
 NETS = ("lenet", "resnet18")

@@ -2,7 +2,7 @@
 import torch
 import torch.nn as nn
 
-from edropout.models import build_model
+from edropout.app.models import build_model
 
 NETS = ("mlp", "lenet", "resnet18", "alexnet", "squeezenet")
 

@@ -7,11 +7,11 @@ import numpy as np
 import pytest
 import torch
 
-from edropout.checkpoint import load_pruned_model
-from edropout.cli import main
-from edropout.data import load_dataset, load_fashion_mnist
-from edropout.models import build_model
-from edropout.training import evaluate
+from edropout.app.checkpoint import load_pruned_model
+from edropout.app.cli import main
+from edropout.app.data import load_dataset, load_fashion_mnist
+from edropout.app.models import build_model
+from edropout.app.training import evaluate
 
 TINY = ["prune", "--model", "lenet", "--width", "4", "--batch-size", "32", "--limit", "256",
         "--population-size", "4", "--min-iterations", "4", "--patience", "2", "--no-progress"]

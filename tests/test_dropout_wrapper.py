@@ -3,7 +3,7 @@ import pytest
 import torch
 import torch.nn as nn
 
-from edropout.models import build_model
+from edropout.app.models import build_model
 from edropout.regularizers import ActivationDropout, apply_dropout, disable_dropout, remove_dropout
 
 

@@ -121,7 +121,7 @@ def test_batch_bridgeout_then_magnitude_pruning_pipeline():
 
 def test_conv_filter_units_prune_conv_filters_only():
     from edropout.magnitude_pruning import conv_filter_count, conv_filter_units
-    from edropout.models import build_model
+    from edropout.app.models import build_model
 
     torch.manual_seed(0)
     model = build_model("alexnet", width=2).eval()

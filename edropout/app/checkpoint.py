@@ -32,9 +32,9 @@ def save_pruned_model(path: str, model_name: str, model_kwargs: dict, state: tor
 
 def load_pruned_model(path: str):
     """Rebuild a model saved by ``save_pruned_model``: build the dense model, remove the same units, load weights."""
-    from .export import export_pruned
+    from ..export import export_pruned
     from .models import build_model
-    from .units import discover_units
+    from ..units import discover_units
 
     saved = torch.load(path, map_location="cpu", weights_only=True)
     dense = build_model(saved["model"], **saved["kwargs"])

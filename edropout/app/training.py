@@ -11,8 +11,8 @@ import torch
 
 from .checkpoint import atomic_save
 from .data import batches
-from .modes import all_modules_in
-from .pruner import EDropout
+from ..modes import all_modules_in
+from ..pruner import EDropout
 
 
 @torch.no_grad()

@@ -13,9 +13,9 @@ import torch
 
 from .checkpoint import load_pruned_model, save_pruned_model
 from .data import DATASETS, load_dataset
-from .energy import ENERGIES
+from ..energy import ENERGIES
 from .models import MODELS, build_model
-from .pruner import EDropout
+from ..pruner import EDropout
 from .report import plot_history, write_json
 from .training import Run, evaluate, make_optimizer
 

@@ -1,0 +1,6 @@
+"""``python -m edropout ...``: the command line of the main job."""
+import sys
+
+from .app.cli import main
+
+sys.exit(main())
