@@ -31,7 +31,7 @@ import time
 import torch
 import torch.nn as nn
 
-from edropout.backends import SCORERS
+from edropout.backends import BACKENDS, make_backend
 from edropout.energy import margin_energy
 from edropout.app.models import build_model
 from edropout.units import discover_units
@@ -151,11 +151,11 @@ def kept_flops(units, shapes, states) -> torch.Tensor:
 # ----- one measurement --------------------------------------------------------------------------------------
 def score_fn(path, model, units, states, x, y, mode):
     """A no-argument call scoring ``states`` with ``path`` in precision ``mode``."""
-    scorer = SCORERS[path]
+    backend = make_backend(path).bind(model, units, margin_energy)
 
     def run():
         with torch.autocast(x.device.type, dtype=torch.bfloat16, enabled=mode == "bf16"):
-            return scorer(model, units, states, x, y, margin_energy, True, None)
+            return backend.score(states, x, y)
 
     return run
 
@@ -279,7 +279,7 @@ def main(argv=None) -> None:
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if device.type == "cpu" and not args.smoke:
         sys.exit("no CUDA device: the full benchmark needs a GPU; use --smoke (with TRITON_INTERPRET=1) on CPU")
-    paths = [p for p in args.paths if p in SCORERS]
+    paths = [p for p in args.paths if p in BACKENDS]
     missing = sorted(set(args.paths) - set(paths))
     time_ms = timer(device)
     ceilings = measure_ceilings(device, time_ms, args.smoke)

@@ -19,7 +19,8 @@ import torch
 import torch.nn.functional as F
 
 from edropout import EDropout
-from edropout.masked_update import keep_masks, masked_step, row_col_keeps
+from edropout.masked_update import masked_step
+from edropout.state_view import StateView
 from edropout.app.models import build_model
 
 
@@ -70,8 +71,8 @@ def update_bandwidth(device, width, size, k):
 
     for name, make in makers.items():
         model, pruner, state = _setup(device, width, size, k)
-        masks = keep_masks(model, pruner.units, state)
-        rc = row_col_keeps(model, pruner.units, state)
+        view = StateView(model, pruner.units, state)
+        masks, rc = view.parameter_keeps, view.row_col_keeps
         kept = sum(int(masks[p].expand_as(p).sum()) if p in masks else p.numel() for p in model.parameters())
         need = UPDATE_TRAFFIC[name] * 4 * kept
         timings = {}

@@ -17,7 +17,7 @@ import pytest
 import torch
 
 from edropout import EDropout
-from edropout.backends import SCORERS, compact
+from edropout.backends import compact, make_backend
 from edropout.app.models import build_model
 
 THREADS = 2
@@ -64,8 +64,8 @@ def score(case: dict, backend: str) -> torch.Tensor:
     dedupe = compact.DEDUPLICATE
     compact.DEDUPLICATE = False
     try:
-        return SCORERS[backend](case["model"], case["units"], case["states"], case["x"], case["y"],
-                                case["energy_fn"], True, None)
+        bound = make_backend(backend).bind(case["model"], case["units"], case["energy_fn"])
+        return bound.score(case["states"], case["x"], case["y"])
     finally:
         compact.DEDUPLICATE = dedupe
 

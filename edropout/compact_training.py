@@ -12,14 +12,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from .export import export_pruned
+from .state_view import StateView
 from .units import PrunableUnits
-
-
-def _kept_positions(units: PrunableUnits, state: torch.Tensor) -> dict:
-    """For each parameter a bit can remove: {dim: kept positions} along its mapped axes."""
-    ext = units.extended(state.reshape(1, -1).cpu())[0]
-    return {pa.name: {dim: ext[index].nonzero().flatten() for dim, index in pa.axes.items()}
-            for pa in units.param_axes}
 
 
 def _gather(tensor: torch.Tensor, kept: dict) -> torch.Tensor:
@@ -39,13 +33,14 @@ def _scatter(target: torch.Tensor, kept: dict, values: torch.Tensor) -> None:
 
 
 class CompactTrainer:
-    """Trains the exported network in place of the masked dense one, with the optimizer state carried over."""
+    """Trains the exported network of ``view``'s state in place of the masked dense one, with the optimizer state
+    carried over."""
 
-    def __init__(self, model: nn.Module, units: PrunableUnits, state: torch.Tensor, optimizer, example_inputs):
+    def __init__(self, model: nn.Module, units: PrunableUnits, view: StateView, optimizer, example_inputs):
         self.model, self.user_optimizer = model, optimizer
-        self.small = export_pruned(model, units, state, example_inputs)
+        self.small = export_pruned(model, units, view.state, example_inputs)
         self.small.train(model.training)
-        self.kept = _kept_positions(units, state)
+        self.kept = view.kept_positions
         big_params = dict(model.named_parameters())
         small_params = dict(self.small.named_parameters())
         self.pairs = [(big_params[n], small_params[n], self.kept.get(n, {})) for n in big_params]

@@ -12,48 +12,20 @@ from __future__ import annotations
 import contextlib
 
 import torch
-import torch.nn as nn
-
-from .units import _NORM, PrunableUnits
-
-
-def keep_masks(model: nn.Module, units: PrunableUnits, state: torch.Tensor) -> dict:
-    """Boolean keep-mask (broadcastable to the parameter) for every parameter of which ``state`` prunes something
-    (computed once per best state, so that the masked step does no work for untouched parameters)."""
-    params = dict(model.named_parameters())
-    ext = units.extended(state.reshape(1, -1))[0]
-    masks = {}
-    for pa in units.param_axes:
-        param = params[pa.name]
-        keep = torch.ones((1,) * param.dim(), dtype=torch.bool, device=param.device)
-        for dim, index in pa.axes.items():
-            shape = [1] * param.dim()
-            shape[dim] = -1
-            keep = keep & ext[index.to(ext.device)].to(param.device).view(shape)
-        if not bool(keep.all()):
-            masks[param] = keep
-    return masks
-
-
-def row_col_keeps(model: nn.Module, units: PrunableUnits, state: torch.Tensor) -> dict:
-    """The same masks as (row_keep [dim 0] or None, col_keep [dim 1] or None) per parameter: the fused kernel's form."""
-    params = dict(model.named_parameters())
-    ext = units.extended(state.reshape(1, -1))[0]
-    return {params[pa.name]: tuple(ext[pa.axes[d].to(ext.device)] if d in pa.axes else None for d in (0, 1))
-            for pa in units.param_axes}
 
 
 def _frozen(param, keep):
     return ~keep.expand_as(param)
 
 
-def masked_step(optimizer: torch.optim.Optimizer, masks: dict) -> None:
-    """``optimizer.step()`` with every element outside its keep-mask left exactly as it was.
+def masked_step(optimizer: torch.optim.Optimizer, keeps: dict) -> None:
+    """``optimizer.step()`` with every element outside its keep-mask (``StateView.parameter_keeps``) left exactly
+    as it was.
 
     Whole tensors are saved and the pruned elements written back with ``torch.where`` against the broadcastable
     mask: unlike boolean indexing this needs no index list, which made the step 8x a plain one on CPU."""
     saved = []
-    for param, keep in masks.items():
+    for param, keep in keeps.items():
         frozen = ~keep
         if param.grad is not None:
             param.grad.masked_fill_(frozen, 0)
@@ -72,21 +44,12 @@ def masked_step(optimizer: torch.optim.Optimizer, masks: dict) -> None:
                         value.masked_fill_(frozen, 0)
 
 
-def statistics_keeps(model: nn.Module, units: PrunableUnits, state: torch.Tensor) -> dict:
-    """{BatchNorm module: keep-mask [C]} for every masked BatchNorm that tracks running statistics and has a
-    pruned channel (computed once per best state, so the training step itself never waits on the device)."""
-    modules = dict(model.named_modules())
-    ext = units.extended(state.reshape(1, -1))[0]
-    keeps = {modules[p.module_name]: ext[p.index.to(ext.device)] for p in units.mask_points
-             if isinstance(modules[p.module_name], _NORM) and modules[p.module_name].running_mean is not None}
-    return {m: keep for m, keep in keeps.items() if not bool(keep.all())}
-
-
 @contextlib.contextmanager
 def frozen_statistics(keeps: dict):
     """A training forward inside the block updates BatchNorm running statistics; on exit those of pruned channels
-    are put back, so a pruned unit's statistics stay as they were, like its weights and optimizer state (and the
-    masked dense forward and the kept-channels forward leave the same statistics)."""
+    (``keeps``: ``StateView.statistics_keeps``) are put back, so a pruned unit's statistics stay as they were, like
+    its weights and optimizer state (and the masked dense forward and the kept-channels forward leave the same
+    statistics)."""
     saved = [(m, keep, m.running_mean.clone(), m.running_var.clone()) for m, keep in keeps.items()]
     try:
         yield
@@ -97,13 +60,13 @@ def frozen_statistics(keeps: dict):
                 torch.where(keep, m.running_var, var, out=m.running_var)
 
 
-def pruned_values(masks: dict) -> dict:
-    """Copies of the pruned elements of every parameter (what ``finalize`` is about to zero)."""
-    return {param: param.detach()[_frozen(param, keep)].clone() for param, keep in masks.items()}
+def pruned_values(keeps: dict) -> dict:
+    """Copies of the pruned elements of every parameter in ``keeps`` (what ``finalize`` is about to zero)."""
+    return {param: param.detach()[_frozen(param, keep)].clone() for param, keep in keeps.items()}
 
 
-def zero_pruned(masks: dict) -> None:
+def zero_pruned(keeps: dict) -> None:
     """Set pruned weights to zero for good (``finalize``)."""
     with torch.no_grad():
-        for param, keep in masks.items():
+        for param, keep in keeps.items():
             param.masked_fill_(_frozen(param, keep), 0)

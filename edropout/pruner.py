@@ -14,14 +14,13 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from . import evolution as evo
-from .backends import resolve_backend, score
+from .backends import Backend, make_backend
+from .compact_training import CompactTrainer
 from .energy import check_labels, resolve_energy
 from .export import export_pruned
-from .backends import compact
-from .masked_update import (frozen_statistics, keep_masks, masked_step, pruned_values, row_col_keeps,
-                            statistics_keeps, zero_pruned)
-from .compact_training import CompactTrainer
+from .masked_update import frozen_statistics, pruned_values, zero_pruned
 from .masking import masked
+from .state_view import StateView
 from .units import discover_units, model_outputs
 
 
@@ -37,20 +36,17 @@ class StepInfo:
     converged: bool
 
 
-def _pruning_rate(model, units, state) -> float:
-    """Share of trainable parameters that ``state`` removes (``EDropout._derived`` caches it per best state)."""
-    return float(units.pruning_rate(state.cpu().unsqueeze(0))[0])
-
-
 class EDropout:
     """Energy-based pruning of ``model``'s channels by binary differential evolution.
 
     ``example_inputs`` is one small input batch used to trace which channels must be pruned together.
+    ``backend`` is a registered name (``edropout.backends.BACKENDS``) or a ``Backend`` object; the pruner binds
+    it to the model and holds it as ``self.backend``.
     """
 
     def __init__(self, model: nn.Module, example_inputs: torch.Tensor, *, population_size: int = 8,
                  init_keep: float = 0.5, mutation_factor: float = 0.9, crossover_rate: float = 0.9,
-                 energy="margin", backend: str = "auto", seed: int = 0, min_iterations: int = 100,
+                 energy="margin", backend="auto", seed: int = 0, min_iterations: int = 100,
                  patience: int = 10, rescore_parents: bool = False, score_in_eval_mode: bool = False,
                  ignored_layers=None, max_members_per_pass=None, compact_after_convergence: bool = True):
         if not isinstance(model, nn.Module):
@@ -65,17 +61,17 @@ class EDropout:
         self.crossover_rate = evo.check_probability("crossover_rate", crossover_rate)
         self.energy_fn = resolve_energy(energy)
         self.device = next(model.parameters()).device
-        self.requested_backend = backend
-        self.backend = resolve_backend(backend, self.device)
+        backend = make_backend(backend)  # an unknown name fails before the model is traced
         if min_iterations < 0 or patience < 1:
             raise ValueError(f"min_iterations must be >= 0 and patience >= 1, got {min_iterations} and {patience}")
         self.rescore_parents = bool(rescore_parents)
         self.batch_statistics = not score_in_eval_mode
-        self.max_members_per_pass = max_members_per_pass
+        self._max_members_per_pass = max_members_per_pass
         self.compact_after_convergence = bool(compact_after_convergence)
         self._compact = None
         self.units = discover_units(model, example_inputs, ignored_layers)
         self.num_classes = model_outputs(model, example_inputs).shape[-1]
+        self.backend = backend
         self.seed = int(seed)
         self.generator = torch.Generator().manual_seed(self.seed)
         self._group_of_unit = self.units.group_of_unit
@@ -88,7 +84,28 @@ class EDropout:
         self.iteration = 0
         self.converged = False
         self.pruned_values = {}
-        self._of_best = {}  # masks derived from the best state, rebuilt when it changes
+        self._best_view = None
+
+    @property
+    def backend(self) -> Backend:
+        """The bound backend that scores, evolves, runs the training forward and the masked update. Assigning a
+        name or a ``Backend`` object binds it to this pruner's model."""
+        return self._backend
+
+    @backend.setter
+    def backend(self, backend) -> None:
+        self._backend = make_backend(backend).bind(self.model, self.units, self.energy_fn,
+                                                   batch_statistics=self.batch_statistics,
+                                                   max_members=self._max_members_per_pass)
+
+    @property
+    def max_members_per_pass(self):
+        """At most this many members per scoring forward (None: the whole population at once)."""
+        return self._max_members_per_pass
+
+    @max_members_per_pass.setter
+    def max_members_per_pass(self, value) -> None:
+        self._max_members_per_pass = self.backend.max_members = value
 
     # ----- scoring -------------------------------------------------------------------------------------
     @property
@@ -110,69 +127,40 @@ class EDropout:
         """Energies [N] of arbitrary states [N, D] on a batch; the model is left untouched."""
         self._check_batch(x, y)
         states = states.reshape(-1, self.num_units).to(self.device).bool()
-        backend = self.backend
-        if self.requested_backend == "auto" and self.device.type == "cpu":
-            # the measured CPU rule: compact or batched for this model, population and batch (sub-millisecond)
-            backend = resolve_backend("auto", self.device, model=self.model, units=self.units, states=states, x=x)
-        return score(backend, self.model, self.units, states, x, y, self.energy_fn,
-                     self.batch_statistics, self.max_members_per_pass)
+        return self.backend.score(states, x, y)
 
     def energies(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         """Energy of every population member on this batch: Tensor[S]."""
         return self.score_states(self.population, x, y)
 
     # ----- evolution -----------------------------------------------------------------------------------
-    @property
-    def accelerated(self) -> bool:
-        """True on the Triton backend: evolution and the masked update run as single kernel launches."""
-        return self.backend == "triton"
-
-    def _children(self) -> torch.Tensor:
-        if self.accelerated:
-            from edropout_kernels.evolution import make_children
-
-            # counter-based RNG keyed by (seed, iteration): reproducible and resumable without saved state
-            return make_children(self.population, self.mutation_factor, self.crossover_rate, seed=self.seed,
-                                 step=self.iteration)
-        draws = evo.draw_randoms(self.population_size, self.num_units, self.generator)
-        return evo.make_children(self.population, draws, self.mutation_factor, self.crossover_rate)
-
-    def _select(self, children, child_energies):
-        if self.accelerated:
-            from edropout_kernels.evolution import select_and_best
-
-            population, energies, best = select_and_best(self.population, self.stored_energies, children,
-                                                         child_energies)
-            return population, energies, best
-        population, energies = evo.select(self.population, self.stored_energies, children, child_energies)
-        return population, energies, energies.argmin()
-
     def evolve(self, x: torch.Tensor, y: torch.Tensor) -> None:
         """One generation: children, scoring, greedy selection, best state and convergence."""
-        children = evo.keep_one_per_group(self._children(), self._group_of_unit, self.generator)
+        children = self.backend.children(self.population, self.mutation_factor, self.crossover_rate,
+                                         generator=self.generator, seed=self.seed, iteration=self.iteration)
+        children = evo.keep_one_per_group(children, self._group_of_unit, self.generator)
         if self.stored_energies is None or self.rescore_parents:
             both = self.score_states(torch.cat([self.population, children]), x, y)
             self.stored_energies, child_energies = both.split(self.population_size)
         else:
             child_energies = self.score_states(children, x, y)
-        self.population, self.stored_energies, best_index = self._select(children, child_energies)
+        self.population, self.stored_energies, best_index = self.backend.select(
+            self.population, self.stored_energies, children, child_energies)
         best = self.population[best_index]
         changed = not torch.equal(best, self.best_state)  # the one host synchronisation of an iteration
-        self.best_state = best.clone()
         if changed:
-            self._of_best = {}
+            self.best_state = best.clone()
         if self.convergence.update(self.iteration + 1, changed):
             self.finalize()
 
     # ----- training ------------------------------------------------------------------------------------
-    def _derived(self, make):
-        """``make(model, units, best_state)``, computed once per best state."""
-        if make not in self._of_best:
-            self._of_best[make] = make(self.model, self.units, self.best_state)
-        return self._of_best[make]
-
-    def _masks(self):
-        return self._derived(keep_masks)
+    @property
+    def best_view(self) -> StateView:
+        """The best state's ``StateView`` (keep-masks, statistics keeps, pruning rate, ...), built once per best
+        state: again only when ``best_state`` is replaced."""
+        if self._best_view is None or self._best_view.state is not self.best_state:
+            self._best_view = StateView(self.model, self.units, self.best_state)
+        return self._best_view
 
     def step(self, x: torch.Tensor, y: torch.Tensor, optimizer: torch.optim.Optimizer) -> StepInfo:
         """One EDropout iteration: evolve and select (until converged), then a masked training step."""
@@ -183,11 +171,11 @@ class EDropout:
             loss = self._compact_trainer(optimizer).step(x, y)
         else:
             # restored after backward: autograd saves the running statistics it was given and checks their versions
-            with frozen_statistics(self._derived(statistics_keeps)):
-                loss = F.cross_entropy(self._training_logits(x), y)
+            with frozen_statistics(self.best_view.statistics_keeps):
+                loss = F.cross_entropy(self.backend.training_logits(self.best_state, x), y)
                 optimizer.zero_grad(set_to_none=True)
                 loss.backward()
-            self._optimizer_step(optimizer)
+            self.backend.optimizer_step(optimizer, self.best_view)
         self.iteration += 1
         energies = self.stored_energies if self.stored_energies is not None else torch.full((1,), float("nan"))
         return StepInfo(self.iteration, float(loss.detach()), float(energies.min()), float(energies.mean()),
@@ -195,37 +183,16 @@ class EDropout:
 
     @property
     def trains_kept_channels(self) -> bool:
-        """Whether the training forward runs on the best state's kept channels only (CPU with backend "auto" or
-        "compact", the model in train mode and interpretable): about the kept share of a dense forward and
-        backward, with the same weights, gradients and statistics as the masked dense forward to float tolerance."""
-        return self.device.type == "cpu" and self.requested_backend in ("auto", "compact") and self.model.training
-
-    def _training_logits(self, x):
-        """Logits of the training forward with the best state applied: kept channels only where possible, else
-        the masked dense forward."""
-        if self.trains_kept_channels:
-            logits = compact.train_logits(self.model, self.units, self.best_state, x)
-            if logits is not None:
-                return logits
-        with masked(self.model, self.units, self.best_state):
-            return self.model(x)
-
-    def _optimizer_step(self, optimizer) -> None:
-        """The masked update: fused in one launch on the Triton backend where the optimizer is supported,
-        else the reference (ordinary step, then restore pruned elements)."""
-        if self.accelerated:
-            from edropout_kernels.masked_optimizer import fused_masked_step
-
-            if fused_masked_step(optimizer, self._derived(row_col_keeps)):
-                return
-        masked_step(optimizer, self._masks())
+        """Whether the training forward runs on the best state's kept channels only (the backend's answer: on CPU
+        with backend "auto" or "compact" and the model in train mode)."""
+        return self.backend.trains_kept_channels
 
     def _compact_trainer(self, optimizer) -> CompactTrainer:
         if self._compact is not None and self._compact.user_optimizer is not optimizer:
             self.sync()
             self._compact = None
         if self._compact is None:
-            self._compact = CompactTrainer(self.model, self.units, self.best_state, optimizer, self.example_inputs)
+            self._compact = CompactTrainer(self.model, self.units, self.best_view, optimizer, self.example_inputs)
         return self._compact
 
     def sync(self) -> None:
@@ -240,14 +207,15 @@ class EDropout:
             return
         self.converged = True
         names = {param: name for name, param in self.model.named_parameters()}
-        self.pruned_values = {names[param]: values for param, values in pruned_values(self._masks()).items()}
-        zero_pruned(self._masks())
+        keeps = self.best_view.parameter_keeps
+        self.pruned_values = {names[param]: values for param, values in pruned_values(keeps).items()}
+        zero_pruned(keeps)
 
     # ----- results -------------------------------------------------------------------------------------
     @property
     def pruning_rate(self) -> float:
         """Share of trainable parameters that the best state removes when exported."""
-        return self._derived(_pruning_rate)
+        return self.best_view.pruning_rate
 
     @contextlib.contextmanager
     def full_network(self):
@@ -255,15 +223,15 @@ class EDropout:
         at before ``finalize`` zeroed them (the dropout-style full network). Zeroed again on exit."""
         self.sync()
         params = dict(self.model.named_parameters())
-        masks = self._masks()
+        keeps = self.best_view.parameter_keeps
         try:
             with torch.no_grad():
                 for name, values in self.pruned_values.items():
-                    params[name][~masks[params[name]].expand_as(params[name])] = values.to(self.device)
+                    params[name][~keeps[params[name]].expand_as(params[name])] = values.to(self.device)
             yield
         finally:
             if self.converged:
-                zero_pruned(masks)
+                zero_pruned(keeps)
 
     def apply(self, state=None):
         """Context manager: the model computes with ``state`` (default: the best state) applied."""
@@ -304,6 +272,5 @@ class EDropout:
         self.converged = bool(state["converged"])
         self.convergence.unchanged = int(state["unchanged"])
         self.seed = int(state["seed"])
-        self._of_best = {}
         self._compact = None
         self.pruned_values = state.get("pruned_values", {})

@@ -9,7 +9,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from edropout import EDropout
-from edropout.backends import SCORERS, auto, compact, resolve_backend
+from edropout.backends import (BatchedBackend, CompactBackend, ReferenceBackend, TritonBackend, auto, compact,
+                               make_backend)
 from edropout.backends import _compact_plan
 from nets import NETS, randomise_bn, small_net
 
@@ -39,10 +40,15 @@ def _states(pruner, seed=3, members=6, keep=0.6):
     return torch.cat([states, torch.stack(whole)])
 
 
+def _score(backend, pruner, states, x, y):
+    """Energies of ``states`` from a fresh ``backend`` (a name) bound to the pruner's model and options."""
+    bound = make_backend(backend).bind(pruner.model, pruner.units, pruner.energy_fn,
+                                       batch_statistics=pruner.batch_statistics)
+    return bound.score(states, x, y)
+
+
 def _pair(pruner, states, x, y):
-    ref = SCORERS["reference"](pruner.model, pruner.units, states, x, y, pruner.energy_fn, pruner.batch_statistics)
-    fast = SCORERS["compact"](pruner.model, pruner.units, states, x, y, pruner.energy_fn, pruner.batch_statistics)
-    return ref, fast
+    return _score("reference", pruner, states, x, y), _score("compact", pruner, states, x, y)
 
 
 @pytest.mark.parametrize("name", NETS + ("concat",))
@@ -204,12 +210,12 @@ def test_auto_never_changes_energies(name, keep, batch):
     pruner = EDropout(model, x[:2], backend="reference")
     g = torch.Generator().manual_seed(5)
     states = torch.rand(8, pruner.num_units, generator=g) < keep
-    choice = resolve_backend("auto", torch.device("cpu"), model=model, units=pruner.units, states=states, x=x)
+    choice = auto.choose(model, pruner.units, states, x)
     assert choice in ("batched", "compact")
     ref, _ = _pair(pruner, states, x, y)
-    picked = SCORERS[choice](model, pruner.units, states, x, y, pruner.energy_fn, True)
+    picked = _score(choice, pruner, states, x, y)
     assert torch.allclose(ref, picked, **TOL)
-    pruner.backend = resolve_backend("auto", torch.device("cpu"))
+    pruner.backend = "auto"
     assert torch.allclose(ref, pruner.score_states(states, x, y), **TOL)
 
 
@@ -229,12 +235,17 @@ def test_auto_rule_follows_work_and_kept_fraction(batch):
     assert auto.choose(model, pruner.units, full, x.repeat(8, 1, 1, 1), **costs) == "compact"  # 8× the work
 
 
-def test_resolve_backend_auto():
-    assert resolve_backend("auto", torch.device("cpu")) == "compact"
-    assert resolve_backend("auto", torch.device("cuda")) in ("batched", "triton")  # CUDA is not this rule's business
-    assert resolve_backend("compact", torch.device("cuda")) == "compact"
-    with pytest.raises(ValueError):
-        resolve_backend("fast", torch.device("cpu"))
+def test_auto_composes_backends_by_device(batch):
+    assert auto.main_backend_for(torch.device("cpu")) is CompactBackend
+    assert auto.main_backend_for(torch.device("cuda")) in (BatchedBackend, TritonBackend)  # not this rule's business
+    assert auto.main_backend_for(torch.device("meta")) is BatchedBackend
+    assert isinstance(make_backend("compact"), CompactBackend) and isinstance(make_backend("reference"),
+                                                                              ReferenceBackend)
+    pruner = EDropout(small_net("lenet"), batch[0][:2], backend="auto")
+    assert isinstance(pruner.backend.main, CompactBackend) and isinstance(pruner.backend.batched, BatchedBackend)
+    assert pruner.trains_kept_channels
+    with pytest.raises(ValueError, match="unknown backend"):
+        make_backend("fast")
 
 
 @pytest.mark.parametrize("name", ["resnet18", "squeezenet"])

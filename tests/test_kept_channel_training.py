@@ -1,5 +1,5 @@
 """While evolving on CPU, the training forward and backward run on the best state's kept channels only
-(``compact.train_logits``): they give the masked dense forward's logits, gradients and BatchNorm statistics, draw
+(``CompactBackend.kept_channel_logits``): they give the masked dense forward's logits, gradients and BatchNorm statistics, draw
 dropout's random numbers as it does, and a whole run equals one on the reference backend."""
 import copy
 
@@ -9,9 +9,11 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from edropout import EDropout
-from edropout.backends import compact
-from edropout.masked_update import frozen_statistics, statistics_keeps
+from edropout.backends import CompactBackend
+from edropout.energy import margin_energy
+from edropout.masked_update import frozen_statistics
 from edropout.masking import masked
+from edropout.state_view import StateView
 from nets import NETS, ConcatNet, randomise_bn, small_net
 
 
@@ -50,9 +52,9 @@ def _forward_backward(model, units, state, x, y, kept_only):
     """Logits, parameter gradients and running statistics after one training forward/backward."""
     model.zero_grad(set_to_none=True)
     torch.manual_seed(7)  # same dropout draws for both paths
-    with frozen_statistics(statistics_keeps(model, units, state)):
+    with frozen_statistics(StateView(model, units, state).statistics_keeps):
         if kept_only:
-            logits = compact.train_logits(model, units, state, x)
+            logits = CompactBackend().bind(model, units, margin_energy).kept_channel_logits(state, x)
             assert logits is not None  # really the interpreter
         else:
             with masked(model, units, state):
@@ -96,7 +98,7 @@ def test_pruned_channels_keep_their_running_statistics(batch):
     model = randomise_bn(small_net("resnet18")).train()
     pruner = EDropout(model, x[:2], backend="compact")
     state = torch.rand(pruner.num_units, generator=torch.Generator().manual_seed(2)) < 0.5
-    keeps = statistics_keeps(model, pruner.units, state)
+    keeps = StateView(model, pruner.units, state).statistics_keeps
     before = {m: (m.running_mean.clone(), m.running_var.clone()) for m in keeps}
     for kept_only in (True, False):
         _forward_backward(model, pruner.units, state, x, y, kept_only)
@@ -158,11 +160,19 @@ def test_a_failing_training_forward_falls_back_once_with_the_model_untouched(bat
 
     monkeypatch.setitem(_compact_exec.HANDLERS, "linear", failing_linear)
     state = torch.rand(pruner.num_units, generator=torch.Generator().manual_seed(2)) < 0.6
+    backend = pruner.backend
     with pytest.warns(RuntimeWarning, match="unsupported op"):
-        assert compact.train_logits(model, pruner.units, state, x) is None
+        assert backend.kept_channel_logits(state, x) is None
     for (key, a), b in zip(model.state_dict().items(), reference.state_dict().values()):
         assert torch.equal(a, b), key
-    assert compact.train_logits(model, pruner.units, state, x) is None and len(calls) == 1  # not retried
+    assert backend.kept_channel_logits(state, x) is None and len(calls) == 1  # not retried
+    # the training forward is then the masked dense one, exactly: same logits and statistics as on a copy
+    logits = backend.training_logits(state, x)
+    with masked(reference, pruner.units, state):
+        expected = reference(x)
+    assert torch.equal(logits, expected) and len(calls) == 1
+    for (key, a), b in zip(model.state_dict().items(), reference.state_dict().values()):
+        assert torch.equal(a, b), key
 
 
 def test_user_module_modes_survive_construction_scoring_and_steps(batch):

@@ -30,7 +30,7 @@ def test_step_leaves_pruned_weights_and_state_unchanged(opt, batch):
         params_before = {n: p.detach().clone() for n, p in model.named_parameters()}
         state_before = copy.deepcopy(optimizer.state_dict()["state"])
         pruner.step(x, y, optimizer)
-        masks = pruner._masks()
+        masks = pruner.best_view.parameter_keeps
         names = {p: n for n, p in model.named_parameters()}
         positions = {p: i for i, p in enumerate(model.parameters())}
         assert not pruner.best_state.all()
@@ -58,7 +58,7 @@ def test_finalize_zeroes_pruned_weights_and_stops_evolving(batch):
     for _ in range(2):
         pruner.step(x, y, optimizer)
     assert torch.equal(population, pruner.population)
-    for param, keep in pruner._masks().items():
+    for param, keep in pruner.best_view.parameter_keeps.items():
         assert torch.count_nonzero(param.detach()[~keep.expand_as(param)]) == 0
 
 

@@ -116,7 +116,7 @@ def _report(args, kwargs, data, model, pruner, run, device) -> dict:
     exported_top = evaluate(reloaded, data.test_x, data.test_y)
     rate = pruner.pruning_rate
     report = {
-        "model": args.model, "data": args.data, "device": str(device), "backend": pruner.backend,
+        "model": args.model, "data": args.data, "device": str(device), "backend": str(pruner.backend),
         "epochs": args.epochs, "batch_size": args.batch_size, "population_size": args.population_size,
         "energy": args.energy, "seed": args.seed, "iterations": pruner.iteration,
         "converged_at_iteration": run.converged_at,

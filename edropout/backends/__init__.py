@@ -1,35 +1,37 @@
-"""Ways to score a population, behind one ``backend=`` argument; every backend returns the same energies
-(to float tolerance) for the same states. Each backend module exposes
-``score(model, units, states, x, y, energy_fn, batch_statistics, max_members) -> Tensor[S]``.
+"""Ways to run an iteration's heavy parts, behind one ``backend=`` argument: objects with one interface
+(``base.Backend``) that give the same energies (to float tolerance) for the same states.
+
+``EDropout(backend=...)`` takes a registered name or a ``Backend`` object; ``register_backend`` adds a name.
 """
 from __future__ import annotations
 
-import importlib.util
+from .auto import AutoBackend
+from .base import Backend
+from .batched import BatchedBackend
+from .compact import CompactBackend
+from .reference import ReferenceBackend
+from .triton import TritonBackend
 
-import torch
-
-from . import auto, batched, compact, reference, triton
-
-SCORERS = {"reference": reference.score, "batched": batched.score, "compact": compact.score,
-           "triton": triton.score}
-BACKENDS = tuple(SCORERS) + ("auto",)
-
-
-def resolve_backend(name: str, device: torch.device, *, model=None, units=None, states=None, x=None) -> str:
-    """Validate a backend name and resolve ``auto`` for the device. On CPU, given the ``model``, its ``units``,
-    the ``states`` to score and the batch ``x``, auto picks "compact" or "batched" by the measured cost rule of
-    ``backends/auto.py``; without them it picks "compact" (the rule's choice for the engine's nets at batch 128)."""
-    if name not in BACKENDS:
-        raise ValueError(f"unknown backend {name!r}: use one of {BACKENDS}")
-    if name == "auto" and torch.device(device).type == "cuda" and importlib.util.find_spec("triton"):
-        return "triton"  # kept-channel kernels on CUDA when Triton is installed
-    if name == "auto" and torch.device(device).type == "cpu":
-        if model is None or units is None or states is None or x is None:
-            return "compact"
-        return auto.choose(model, units, states, x)
-    return "batched" if name == "auto" else name
+BACKENDS = {backend.name: backend for backend in (ReferenceBackend, BatchedBackend, CompactBackend, TritonBackend,
+                                                  AutoBackend)}
 
 
-def score(backend, model, units, states, x, y, energy_fn, batch_statistics=True, max_members=None):
-    """Energies [S] of ``states`` on the batch, with the resolved backend."""
-    return SCORERS[backend](model, units, states, x, y, energy_fn, batch_statistics, max_members)
+def register_backend(name: str, backend_class: type) -> None:
+    """Make ``EDropout(backend=name)`` build a ``backend_class()`` (a ``Backend`` subclass)."""
+    if not (isinstance(backend_class, type) and issubclass(backend_class, Backend)):
+        raise TypeError(f"register_backend needs a subclass of edropout.backends.Backend, got {backend_class!r}")
+    BACKENDS[name] = backend_class
+
+
+def make_backend(backend) -> Backend:
+    """A new backend for a registered name, or ``backend`` itself when it is a ``Backend`` object."""
+    if isinstance(backend, Backend):
+        return backend
+    if isinstance(backend, str) and backend in BACKENDS:
+        return BACKENDS[backend]()
+    raise ValueError(f"unknown backend {backend!r}: use one of {tuple(BACKENDS)} or an edropout.backends.Backend "
+                     f"object")
+
+
+__all__ = ["BACKENDS", "AutoBackend", "Backend", "BatchedBackend", "CompactBackend", "ReferenceBackend",
+           "TritonBackend", "make_backend", "register_backend"]

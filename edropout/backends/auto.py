@@ -1,5 +1,6 @@
-"""``backend="auto"`` on CPU: the compact backend when a member's kept work is large enough to pay for its
-per-op interpreter overhead, else the batched backend.
+"""``backend="auto"``: the triton backend on CUDA (when Triton is installed); on CPU the compact backend's
+kept-channel training, and for each scoring call the compact backend when a member's kept work is large enough to
+pay for its per-op interpreter overhead, else the batched backend; the batched backend elsewhere.
 
 Cost model (population of S members, batch B, dense multiply-adds per sample M, kept share of those
 multiply-adds ρ, per-member steps n of the compact plan):
@@ -24,10 +25,16 @@ and per-member statistics, against oneDNN channels-last convolutions on B rows).
 """
 from __future__ import annotations
 
+import importlib.util
+
 import torch
 
 from . import compact
 from ._compact_plan import CompactUnsupported
+from .base import Backend
+from .batched import BatchedBackend
+from .compact import CompactBackend
+from .triton import TritonBackend
 
 # r: batched cost per dense multiply-add over compact cost per kept multiply-add
 MEASURED_RATIO = 3.6
@@ -69,3 +76,71 @@ def choose(model, units, states: torch.Tensor, x: torch.Tensor, batch_statistics
     ratio = MEASURED_RATIO if ratio is None else ratio
     step_macs = MEASURED_STEP_MACS if step_macs is None else step_macs
     return "compact" if work * (ratio - rho) > steps * step_macs else "batched"
+
+
+def main_backend_for(device: torch.device) -> type:
+    """The backend that does most of auto's work on ``device``: triton on CUDA when Triton is installed (kept-channel
+    kernels), compact on CPU (kept-channel training and, by the rule above, scoring), else batched."""
+    if device.type == "cuda" and importlib.util.find_spec("triton"):
+        return TritonBackend
+    return CompactBackend if device.type == "cpu" else BatchedBackend
+
+
+class AutoBackend(Backend):
+    """The fastest backend for the device, composed of the others: ``main`` does everything but, on CPU, the
+    scoring calls for which the cost model above picks the batched backend."""
+
+    name = "auto"
+
+    def bind(self, model, units, energy_fn, *, batch_statistics=True, max_members=None):
+        """Bind, and bind the backends it composes for the model's device."""
+        super().bind(model, units, energy_fn, batch_statistics=batch_statistics, max_members=max_members)
+        options = dict(batch_statistics=batch_statistics, max_members=max_members)
+        self.main = main_backend_for(self.device)().bind(model, units, energy_fn, **options)
+        cpu = self.device.type == "cpu"
+        self.batched = BatchedBackend().bind(model, units, energy_fn, **options) if cpu else None
+        return self
+
+    def __str__(self) -> str:
+        return f"auto ({self.main}{' or batched per call' if self.batched is not None else ''})"
+
+    @property
+    def max_members(self):
+        """Most members per forward, for every backend it composes."""
+        return self._max_members
+
+    @max_members.setter
+    def max_members(self, value):
+        self._max_members = value
+        for part in (getattr(self, "main", None), getattr(self, "batched", None)):
+            if part is not None:
+                part.max_members = value
+
+    @property
+    def trains_kept_channels(self) -> bool:
+        """As ``main``: on CPU the compact backend's kept-channel training."""
+        return self.main.trains_kept_channels
+
+    def score(self, states, x, y):
+        """On CPU the measured rule picks compact or batched for this model, population and batch (well under a
+        millisecond); elsewhere ``main`` scores."""
+        if self.batched is not None and choose(self.model, self.units, states, x, self.batch_statistics) == "batched":
+            return self.batched.score(states, x, y)
+        return self.main.score(states, x, y)
+
+    def children(self, population, mutation_factor, crossover_rate, *, generator, seed, iteration):
+        """``main``'s children."""
+        return self.main.children(population, mutation_factor, crossover_rate, generator=generator, seed=seed,
+                                  iteration=iteration)
+
+    def select(self, population, energies, children, child_energies):
+        """``main``'s selection."""
+        return self.main.select(population, energies, children, child_energies)
+
+    def training_logits(self, state, x):
+        """``main``'s training forward."""
+        return self.main.training_logits(state, x)
+
+    def optimizer_step(self, optimizer, view):
+        """``main``'s masked update."""
+        self.main.optimizer_step(optimizer, view)

@@ -6,6 +6,7 @@ import torch
 
 from ..energy import member_energies
 from ..masking import scoring
+from .reference import ReferenceBackend
 
 
 def member_chunks(states, x, max_members=None):
@@ -17,10 +18,15 @@ def member_chunks(states, x, max_members=None):
         yield part, members, x.repeat((members,) + (1,) * (x.dim() - 1))
 
 
-def score(model, units, states, x, y, energy_fn, batch_statistics=True, max_members=None):
-    """Energies [S]: the population in forwards of up to ``max_members`` members (all at once by default)."""
-    out = []
-    for part, members, xs in member_chunks(states, x, max_members):
-        with scoring(model, units, part, batch_statistics):
-            out.append(member_energies(energy_fn, model(xs), y.repeat(members), members))
-    return torch.cat(out)
+class BatchedBackend(ReferenceBackend):
+    """The reference backend with the population scored in S·B-row forwards."""
+
+    name = "batched"
+
+    def score(self, states, x, y):
+        """Energies [S]: the population in forwards of up to ``max_members`` members (all at once by default)."""
+        out = []
+        for part, members, xs in member_chunks(states, x, self.max_members):
+            with scoring(self.model, self.units, part, self.batch_statistics):
+                out.append(member_energies(self.energy_fn, self.model(xs), y.repeat(members), members))
+        return torch.cat(out)

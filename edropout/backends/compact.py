@@ -10,8 +10,9 @@ pooling and flatten carrying the kept channel lists, and any other op on the ten
 channels), oneDNN's fast path; work that no state affects (e.g. the first conv) is done once per call; ReLUs
 and residual adds overwrite fresh tensors in place; identical states are scored once.
 
-The same interpreter runs the training forward on CPU (``train_logits``): one member, the best state, under
-autograd and in the modules' own modes, so backward fills the dense parameters' gradients from gathered weights.
+The same interpreter runs the training forward on CPU (``CompactBackend.training_logits``): one member, the best
+state, under autograd and in the modules' own modes, so backward fills the dense parameters' gradients from
+gathered weights.
 
 Energies equal the reference backend's to float tolerance (different summation order only). Where the model
 cannot be interpreted exactly (fx tracing fails, a mask point is not a called module, in-place writes into
@@ -25,11 +26,11 @@ import weakref
 import torch
 import torch.nn as nn
 
-from . import batched
 from ..energy import member_energies
 from ..modes import all_modules_in
 from ._compact_exec import run
 from ._compact_plan import CompactUnsupported, build_plan
+from .batched import BatchedBackend
 
 # Score each distinct state once: late in training the population holds many copies of the same state.
 # (Benchmarks turn this off so that every backend computes all S members.)
@@ -52,14 +53,15 @@ def plan_for(model: nn.Module, units, x: torch.Tensor, batch_statistics: bool, t
             found = exc
             if not entry.get("warned"):
                 what = "training with the masked dense forward" if training else "scoring with the batched backend"
-                warnings.warn(f"compact backend: {exc}; {what} instead", RuntimeWarning, stacklevel=4)
+                warnings.warn(f"compact backend: {exc}; {what} instead", RuntimeWarning, stacklevel=3)
                 entry["warned"] = True
         entry[key] = found
     return found
 
 
 def supported(model: nn.Module, units, x: torch.Tensor, batch_statistics: bool = True) -> bool:
-    """Whether ``score`` runs the compact interpreter (True) or falls back to the batched backend (False)."""
+    """Whether ``CompactBackend.score`` runs the compact interpreter (True) or falls back to the batched backend
+    (False)."""
     return not isinstance(plan_for(model, units, x, batch_statistics), CompactUnsupported) and \
         not _has_hooks(model, plan_for(model, units, x, batch_statistics))
 
@@ -72,56 +74,78 @@ def _has_hooks(model, plan) -> bool:
     return any(modules[name]._forward_hooks or modules[name]._forward_pre_hooks for name in plan.modules)
 
 
-def score(model, units, states, x, y, energy_fn, batch_statistics=True, max_members=None):
-    """Energies [S], one compact forward per distinct state. ``max_members`` is accepted for the common backend
-    signature; the compact path already holds only one member's activations at a time."""
-    plan = plan_for(model, units, x, batch_statistics)
-    if isinstance(plan, CompactUnsupported) or _has_hooks(model, plan):
-        if not isinstance(plan, CompactUnsupported):
-            entry = _PLANS[model]
-            if not entry.get("warned_hooks"):
-                warnings.warn("compact backend: the model has forward hooks, which the compact interpreter would "
-                              "bypass; scoring with the batched backend instead", RuntimeWarning, stacklevel=3)
-                entry["warned_hooks"] = True
-        return batched.score(model, units, states, x, y, energy_fn, batch_statistics, max_members)
-    if DEDUPLICATE:
-        distinct, inverse = torch.unique(states.bool(), dim=0, return_inverse=True)
-    else:
-        distinct, inverse = states.bool(), torch.arange(states.shape[0], device=states.device)
-    with torch.no_grad(), all_modules_in(model, False):
-        logits = torch.stack(run(plan, model, distinct, x, batch_statistics))
-    # one energy call over all members' rows, member-major in the caller's order, exactly as the batched backend
-    members = states.shape[0]
-    rows = logits.index_select(0, inverse.to(logits.device)).flatten(0, 1)
-    return member_energies(energy_fn, rows, y.repeat(members), members)
+class CompactBackend(BatchedBackend):
+    """The batched backend with each member scored, and on CPU the training forward run, on kept channels only."""
 
+    name = "compact"
 
-def train_logits(model, units, state: torch.Tensor, x: torch.Tensor):
-    """The model's output with ``state`` [D] applied, computed on kept channels only and differentiable: backward
-    fills the model's parameter gradients (zero for pruned elements), and BatchNorm running statistics of kept
-    channels move as in the masked dense forward. None where the interpreter cannot run the training forward
-    exactly (untraceable model, forward hooks): the caller then uses the masked dense forward."""
-    plan = plan_for(model, units, x, True, training=True)
-    if isinstance(plan, CompactUnsupported) or _has_hooks(model, plan):
-        return None
-    entry = _PLANS[model]
-    if entry.get("train_ran"):
-        return run(plan, model, state.reshape(1, -1), x, True, train=True)[0]
-    # the first training forward of a model: an op the interpreter cannot run under autograd is not fatal; the
-    # buffers and random state it may have moved are put back and the masked dense forward takes over for good
-    buffers = {name: b.clone() for name, b in model.named_buffers()}
-    rng = torch.get_rng_state()
-    try:
-        out = run(plan, model, state.reshape(1, -1), x, True, train=True)[0]
-    except Exception as exc:  # any failure: the dense path is always exact
-        with torch.no_grad():
-            for name, b in model.named_buffers():
-                b.copy_(buffers[name])
-        torch.set_rng_state(rng)
-        entry["train"] = CompactUnsupported(f"the training forward failed ({type(exc).__name__}: {exc})")
-        warnings.warn(f"compact backend: {entry['train']}; training with the masked dense forward instead",
-                      RuntimeWarning, stacklevel=3)
-        return None
-    entry["train_ran"] = True
-    return out
+    def score(self, states, x, y):
+        """Energies [S], one compact forward per distinct state (``max_members`` is not needed: the compact path
+        holds only one member's activations at a time); the batched backend's where the interpreter cannot run."""
+        model = self.model
+        plan = plan_for(model, self.units, x, self.batch_statistics)
+        if isinstance(plan, CompactUnsupported) or _has_hooks(model, plan):
+            if not isinstance(plan, CompactUnsupported):
+                entry = _PLANS[model]
+                if not entry.get("warned_hooks"):
+                    warnings.warn("compact backend: the model has forward hooks, which the compact interpreter "
+                                  "would bypass; scoring with the batched backend instead", RuntimeWarning,
+                                  stacklevel=2)
+                    entry["warned_hooks"] = True
+            return super().score(states, x, y)
+        if DEDUPLICATE:
+            distinct, inverse = torch.unique(states.bool(), dim=0, return_inverse=True)
+        else:
+            distinct, inverse = states.bool(), torch.arange(states.shape[0], device=states.device)
+        with torch.no_grad(), all_modules_in(model, False):
+            logits = torch.stack(run(plan, model, distinct, x, self.batch_statistics))
+        # one energy call over all members' rows, member-major in the caller's order, exactly as the batched backend
+        members = states.shape[0]
+        rows = logits.index_select(0, inverse.to(logits.device)).flatten(0, 1)
+        return member_energies(self.energy_fn, rows, y.repeat(members), members)
 
+    @property
+    def trains_kept_channels(self) -> bool:
+        """On CPU with the model in train mode: the training forward and backward run on the best state's kept
+        channels only, about the kept share of a dense forward and backward, with the same weights, gradients and
+        statistics as the masked dense forward to float tolerance."""
+        return self.device.type == "cpu" and self.model.training
+
+    def training_logits(self, state, x):
+        """The kept-channel forward where it runs (``trains_kept_channels``, an interpretable model), else the
+        masked dense forward."""
+        if self.trains_kept_channels:
+            logits = self.kept_channel_logits(state, x)
+            if logits is not None:
+                return logits
+        return super().training_logits(state, x)
+
+    def kept_channel_logits(self, state: torch.Tensor, x: torch.Tensor):
+        """The model's output with ``state`` [D] applied, computed on kept channels only and differentiable:
+        backward fills the model's parameter gradients (zero for pruned elements), and BatchNorm running
+        statistics of kept channels move as in the masked dense forward. None where the interpreter cannot run
+        the training forward exactly (untraceable model, forward hooks): the masked dense forward runs instead."""
+        model = self.model
+        plan = plan_for(model, self.units, x, True, training=True)
+        if isinstance(plan, CompactUnsupported) or _has_hooks(model, plan):
+            return None
+        entry = _PLANS[model]
+        if entry.get("train_ran"):
+            return run(plan, model, state.reshape(1, -1), x, True, train=True)[0]
+        # the first training forward of a model: an op the interpreter cannot run under autograd is not fatal; the
+        # buffers and random state it may have moved are put back and the masked dense forward takes over for good
+        buffers = {name: b.clone() for name, b in model.named_buffers()}
+        rng = torch.get_rng_state()
+        try:
+            out = run(plan, model, state.reshape(1, -1), x, True, train=True)[0]
+        except Exception as exc:  # any failure: the dense path is always exact
+            with torch.no_grad():
+                for name, b in model.named_buffers():
+                    b.copy_(buffers[name])
+            torch.set_rng_state(rng)
+            entry["train"] = CompactUnsupported(f"the training forward failed ({type(exc).__name__}: {exc})")
+            warnings.warn(f"compact backend: {entry['train']}; training with the masked dense forward instead",
+                          RuntimeWarning, stacklevel=3)
+            return None
+        entry["train_ran"] = True
+        return out

@@ -15,6 +15,10 @@ reads all its inputs), and which conv/linear feeds exactly one BatchNorm (fold c
 checks the routed forward against the reference on a few rows and raises if they differ (e.g. a model that
 mixes rows of the batch, which no one-batch population can score), instead of answering differently. Both
 checks run on the first batch scored; layers with forward hooks are computed in full and never folded.
+
+The evolution step is one kernel launch (counter-based RNG keyed by seed and iteration) and the masked optimizer
+update one fused launch where ``edropout_kernels.fused_masked_step`` supports the optimizer (else the reference
+step). This module is the engine's only way into ``edropout_kernels``.
 """
 from __future__ import annotations
 
@@ -26,6 +30,7 @@ import torch
 import torch.nn as nn
 
 from .batched import member_chunks
+from .reference import ReferenceBackend
 from ..energy import cross_entropy_energy, margin_energy, member_energies
 from ..masking import _mask_hook, _member_batch_norm, scoring
 from ..modes import all_modules_in
@@ -42,11 +47,10 @@ def _kernels(device: torch.device):
     that its kernels can run on ``device``."""
     try:
         import edropout_kernels as ek
-        from edropout_kernels._checks import INTERPRET
     except ImportError as exc:
         raise RuntimeError(f"backend='triton' needs the triton package ({exc}); install triton or use "
                            f"backend='batched'") from exc
-    if device.type == "cpu" and not INTERPRET:
+    if device.type == "cpu" and not ek.INTERPRET:
         raise RuntimeError("backend='triton' runs on CUDA tensors; on CPU it needs Triton's interpreter, i.e. "
                            "TRITON_INTERPRET=1 set before edropout_kernels is imported (slow, for tests). "
                            "Use backend='batched' on CPU")
@@ -55,12 +59,10 @@ def _kernels(device: torch.device):
     return ek
 
 
-def _interpreter_tiles(rows: int) -> dict:
+def _interpreter_tiles(ek, rows: int) -> dict:
     """Tile sizes for the conv/linear kernels: their defaults on a GPU; in Triton's CPU interpreter, where every
     program instance costs milliseconds of Python, one row tile per member (numpy does the big dot quickly)."""
-    from edropout_kernels._checks import INTERPRET, pow2_between
-
-    return {"block_m": pow2_between(rows, 16, 1024)} if INTERPRET else {}
+    return {"block_m": ek.pow2_between(rows, 16, 1024)} if ek.INTERPRET else {}
 
 
 def _allow_tf32(kind: str) -> bool:
@@ -354,12 +356,12 @@ def _producer_forward(module, name, kind, ctx):
             out = ctx["ek"].population_conv2d(
                 x.to(dtype), module.weight, module.bias, in_keep, keep, members=members, stride=module.stride,
                 padding=padding, scale=scale, shift=shift, allow_tf32=ctx["tf32"]("conv2d"),
-                **_interpreter_tiles(rows))
+                **_interpreter_tiles(ctx["ek"], rows))
         else:
             flat = x.to(dtype).reshape(-1, x.shape[-1])
             out = ctx["ek"].population_linear(
                 flat, module.weight, module.bias, in_keep, keep, members=members, scale=scale, shift=shift,
-                allow_tf32=ctx["tf32"]("linear"), **_interpreter_tiles(flat.shape[0] // members)
+                allow_tf32=ctx["tf32"]("linear"), **_interpreter_tiles(ctx["ek"], flat.shape[0] // members)
             ).reshape(*x.shape[:-1], -1)
         if fold:
             ctx["folded"][bn_name] = out
@@ -438,12 +440,34 @@ def _energies(ek, energy_fn, logits, y, members) -> torch.Tensor:
     return member_energies(energy_fn, logits, y.repeat(members), members)
 
 
-def score(model, units, states, x, y, energy_fn, batch_statistics=True, max_members=None):
-    """Energies [S]: the population in routed forwards of up to ``max_members`` members (all at once by default)."""
-    ek = _kernels(x.device)
-    plan = _plan_for(model, units, x, batch_statistics, ek)
-    out = []
-    for part, members, xs in member_chunks(states, x, max_members):
-        with _routed(model, units, part, batch_statistics, plan, ek):
-            out.append(_energies(ek, energy_fn, model(xs), y, members))
-    return torch.cat(out)
+class TritonBackend(ReferenceBackend):
+    """The reference backend with scoring, the evolution step and the masked update as Triton kernels."""
+
+    name = "triton"
+
+    def score(self, states, x, y):
+        """Energies [S]: the population in routed forwards of up to ``max_members`` members (all at once by
+        default)."""
+        model, units = self.model, self.units
+        ek = _kernels(x.device)
+        plan = _plan_for(model, units, x, self.batch_statistics, ek)
+        out = []
+        for part, members, xs in member_chunks(states, x, self.max_members):
+            with _routed(model, units, part, self.batch_statistics, plan, ek):
+                out.append(_energies(ek, self.energy_fn, model(xs), y, members))
+        return torch.cat(out)
+
+    def children(self, population, mutation_factor, crossover_rate, *, generator, seed, iteration):
+        """Children in one launch; counter-based RNG keyed by (seed, iteration): reproducible and resumable
+        without saved state."""
+        return _kernels(population.device).make_children(population, mutation_factor, crossover_rate, seed=seed,
+                                                         step=iteration)
+
+    def select(self, population, energies, children, child_energies):
+        """Greedy selection and the best member in one launch."""
+        return _kernels(population.device).select_and_best(population, energies, children, child_energies)
+
+    def optimizer_step(self, optimizer, view):
+        """The fused masked update in one launch where the optimizer is supported, else the reference step."""
+        if not _kernels(self.device).fused_masked_step(optimizer, view.row_col_keeps):
+            super().optimizer_step(optimizer, view)

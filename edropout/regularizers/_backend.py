@@ -30,20 +30,18 @@ def check_backend(backend: str, who: str) -> str:
 def _interpreting() -> bool:
     """True if the kernels run in Triton's interpreter, i.e. TRITON_INTERPRET=1 was set when edropout_kernels
     was first imported (Triton reads it when the kernels are decorated; setting it later has no effect)."""
-    kernels()
-    from edropout_kernels import _checks
-
-    return _checks.INTERPRET
+    return kernels().INTERPRET
 
 
 def kernels():
-    """The Sparseout and Bridgeout kernel modules, or a RuntimeError saying how to get them."""
+    """``edropout_kernels`` (its public names: the Sparseout and Bridgeout kernels, ``INTERPRET``), or a
+    RuntimeError saying how to get it."""
     try:
-        from edropout_kernels import bridgeout, sparseout
+        import edropout_kernels
     except ImportError as exc:
         raise RuntimeError(f"backend='triton' needs the triton package ({exc}); install triton or use "
                            "backend='torch'.") from exc
-    return sparseout, bridgeout
+    return edropout_kernels
 
 
 def check_device(device: torch.device, who: str) -> None:

@@ -128,7 +128,7 @@ class Bridgeout(nn.Module):
         if self.bridgeout_backend == "triton":
             _backend.check_device(self.weight.device, type(self).__name__)
             self.bridgeout_last_seed = _backend.draw_seed(self.bridgeout_generator)
-            return _backend.kernels()[1].bridgeout_weight_triton(self.weight, p, q, self.bridgeout_last_seed,
+            return _backend.kernels().bridgeout_weight_triton(self.weight, p, q, self.bridgeout_last_seed,
                                                                  target=target, copies=copies)
         shape = ((copies,) if copies is not None else ()) + tuple(self.weight.shape)
         return bridgeout_weight(self.weight, p, q, keep=self.draw_keep(shape), target=target)

@@ -121,7 +121,7 @@ class Sparseout(nn.Module):
         if self.backend == "triton":
             _backend.check_device(x.device, "Sparseout")
             self.last_seed = _backend.draw_seed(self.generator)
-            return _backend.kernels()[0].sparseout_triton(x, self.p, self.q, self.last_seed)
+            return _backend.kernels().sparseout_triton(x, self.p, self.q, self.last_seed)
         return sparseout(x, self.p, self.q, True, mask=self.draw_keep(x.shape, x.device))
 
     def extra_repr(self) -> str:

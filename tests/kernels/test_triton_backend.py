@@ -16,7 +16,7 @@ if not torch.cuda.is_available():
 
 import edropout_kernels
 from edropout import EDropout
-from edropout.backends import resolve_backend
+from edropout.backends import TritonBackend, auto, make_backend
 from edropout.backends import triton as triton_backend
 from nets import randomise_bn, small_net
 from kernel_helpers import DEVICE
@@ -224,5 +224,5 @@ def test_scoring_leaves_model_untouched():
 
 
 def test_auto_picks_triton_on_cuda():
-    assert resolve_backend("auto", torch.device("cuda")) == "triton"
-    assert resolve_backend("triton", torch.device("cpu")) == "triton"
+    assert auto.main_backend_for(torch.device("cuda")) is TritonBackend
+    assert isinstance(make_backend("triton"), TritonBackend)
