@@ -19,17 +19,17 @@ def check_probability(name: str, value: float) -> float:
     return value
 
 
-def check_population_size(size: int) -> int:
+def check_population_size(members: int) -> int:
     """Differential evolution needs a member and three distinct others."""
-    if int(size) != size or size < 4:
+    if int(members) != members or members < 4:
         raise ValueError(f"population_size must be an integer >= 4 (each child needs three other distinct members), "
-                         f"got {size}")
-    return int(size)
+                         f"got {members}")
+    return int(members)
 
 
-def initial_population(size: int, num_units: int, keep: float, generator: torch.Generator) -> torch.Tensor:
+def initial_population(members: int, num_units: int, keep: float, generator: torch.Generator) -> torch.Tensor:
     """Bits ~ Bernoulli(keep), True = keep the unit."""
-    return torch.rand(size, num_units, generator=generator) < keep
+    return torch.rand(members, num_units, generator=generator) < keep
 
 
 @dataclass
@@ -41,13 +41,13 @@ class Draws:
     crossover: torch.Tensor
 
 
-def draw_randoms(size: int, num_units: int, generator: torch.Generator) -> Draws:
+def draw_randoms(members: int, num_units: int, generator: torch.Generator) -> Draws:
     """Distinct a, b, c != i, uniformly over ordered triples (argsort of uniform keys with i excluded)."""
-    keys = torch.rand(size, size, generator=generator)
+    keys = torch.rand(members, members, generator=generator)
     keys.fill_diagonal_(2.0)
     parents = keys.argsort(dim=1)[:, :3]
-    mutation = torch.rand(size, num_units, generator=generator)
-    crossover = torch.rand(size, num_units, generator=generator)
+    mutation = torch.rand(members, num_units, generator=generator)
+    crossover = torch.rand(members, num_units, generator=generator)
     return Draws(parents, mutation, crossover)
 
 
@@ -71,13 +71,13 @@ def make_children(population: torch.Tensor, draws: Draws, factor: float, rate: f
 
 def keep_one_per_group(states: torch.Tensor, group_of_unit: torch.Tensor, generator: torch.Generator):
     """(ours) A state that empties a whole group keeps one random unit of it, so every state can be exported."""
-    size, num_units = states.shape
+    members, num_units = states.shape
     groups = int(group_of_unit.max()) + 1
-    index = group_of_unit.to(states.device).expand(size, num_units)
-    kept = torch.zeros(size, groups, device=states.device).index_add_(1, group_of_unit.to(states.device),
-                                                                       states.float())
-    keys = torch.rand(size, num_units, generator=generator).to(states.device)
-    best = torch.full((size, groups), -1.0, device=states.device).scatter_reduce(1, index, keys, "amax")
+    index = group_of_unit.to(states.device).expand(members, num_units)
+    kept = torch.zeros(members, groups, device=states.device).index_add_(1, group_of_unit.to(states.device),
+                                                                          states.float())
+    keys = torch.rand(members, num_units, generator=generator).to(states.device)
+    best = torch.full((members, groups), -1.0, device=states.device).scatter_reduce(1, index, keys, "amax")
     chosen = keys == best.gather(1, index)
     return states | (chosen & (kept == 0).gather(1, index))
 

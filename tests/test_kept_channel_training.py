@@ -1,6 +1,6 @@
 """While evolving on CPU, the training forward and backward run on the best state's kept channels only
-(``CompactBackend.kept_channel_logits``): they give the masked dense forward's logits, gradients and BatchNorm statistics, draw
-dropout's random numbers as it does, and a whole run equals one on the reference backend."""
+(``CompactBackend.kept_channel_logits``): they give the masked dense forward's logits, gradients and BatchNorm
+statistics, draw dropout's random numbers as it does, and a whole run equals one on the reference backend."""
 import copy
 
 import pytest

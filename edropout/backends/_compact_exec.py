@@ -469,8 +469,8 @@ def _execute(steps, env, ctx):
 
 def run(plan: Plan, model, states: torch.Tensor, x, batch_statistics: bool, train: bool = False) -> list:
     """The model's output for each of ``states`` [S, D]: shared steps once, member steps per state. For scoring the
-    model must be in eval mode and gradients off (``compact.score`` arranges both); ``train=True`` runs a training
-    plan's one member in the modules' own modes, under autograd, updating running statistics."""
+    model must be in eval mode and gradients off (``CompactBackend.score`` arranges both); ``train=True`` runs a
+    training plan's one member in the modules' own modes, under autograd, updating running statistics."""
     table = ChannelTable(plan.units, states, plan.maps)
     ctx = Context(model, table, batch_statistics, x, train)
     env = [None] * plan.slots

@@ -13,9 +13,9 @@ def member_chunks(states, x, max_members=None):
     """(states, member count, input repeated member-major) for forwards of up to ``max_members`` members."""
     chunk = max_members or states.shape[0]
     for start in range(0, states.shape[0], chunk):
-        part = states[start:start + chunk]
-        members = part.shape[0]
-        yield part, members, x.repeat((members,) + (1,) * (x.dim() - 1))
+        chunk_states = states[start:start + chunk]
+        members = chunk_states.shape[0]
+        yield chunk_states, members, x.repeat((members,) + (1,) * (x.dim() - 1))
 
 
 class BatchedBackend(ReferenceBackend):
@@ -26,7 +26,7 @@ class BatchedBackend(ReferenceBackend):
     def score(self, states, x, y):
         """Energies [S]: the population in forwards of up to ``max_members`` members (all at once by default)."""
         out = []
-        for part, members, xs in member_chunks(states, x, self.max_members):
-            with scoring(self.model, self.units, part, self.batch_statistics):
+        for chunk_states, members, xs in member_chunks(states, x, self.max_members):
+            with scoring(self.model, self.units, chunk_states, self.batch_statistics):
                 out.append(member_energies(self.energy_fn, self.model(xs), y.repeat(members), members))
         return torch.cat(out)

@@ -452,8 +452,8 @@ class TritonBackend(ReferenceBackend):
         ek = _kernels(x.device)
         plan = _plan_for(model, units, x, self.batch_statistics, ek)
         out = []
-        for part, members, xs in member_chunks(states, x, self.max_members):
-            with _routed(model, units, part, self.batch_statistics, plan, ek):
+        for chunk_states, members, xs in member_chunks(states, x, self.max_members):
+            with _routed(model, units, chunk_states, self.batch_statistics, plan, ek):
                 out.append(_energies(ek, self.energy_fn, model(xs), y, members))
         return torch.cat(out)
 
