@@ -81,3 +81,25 @@ def test_unknown_names_are_rejected_with_a_clear_message():
         load_dataset("imagenet")
     with pytest.raises(SystemExit):
         main(["prune", "--model", "vgg99"])
+
+
+class _Payload:
+    """Pickles as a call of ``open(marker, "w")``: loading it with weights_only=False would create the file."""
+
+    def __init__(self, marker):
+        self.marker = marker
+
+    def __reduce__(self):
+        return (open, (self.marker, "w"))
+
+
+def test_a_planted_checkpoint_is_refused_and_never_run(tmp_path, capsys):
+    out = tmp_path / "run"
+    out.mkdir()
+    marker = tmp_path / "payload_ran"
+    torch.save({"model": _Payload(str(marker)), "epoch": 0}, out / "checkpoint.pt")
+    assert main(TINY + ["--epochs", "1", "--out", str(out), "--resume"]) == 2
+    assert not marker.exists()
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "refusing to load" in err[0] and "io.open" in err[0], err
+    assert "Traceback" not in err[0]

@@ -2,9 +2,13 @@
 from __future__ import annotations
 
 import os
+import pickle
+import re
 import tempfile
 
 import torch
+
+from .errors import CheckpointError
 
 
 def atomic_save(obj, path: str) -> None:
@@ -24,6 +28,19 @@ def atomic_save(obj, path: str) -> None:
         raise
 
 
+def load_checkpoint(path: str) -> dict:
+    """Load a checkpoint or pruned-model file with ``weights_only=True``: tensors, numbers, strings and plain
+    containers only, so a planted file cannot run code. Anything else is refused with a ``CheckpointError``."""
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except (pickle.UnpicklingError, RuntimeError, EOFError, ValueError) as error:
+        found = re.search(r"Unsupported global: GLOBAL (\S+)", str(error))
+        reason = (f"it calls {found.group(1)}, which is not a tensor or plain value" if found
+                  else "it is not a file torch.save wrote, or it is truncated")
+        raise CheckpointError(f"refusing to load {path}: {reason}; nothing from it was run. Delete it, or point "
+                              f"--out at another directory") from None
+
+
 def save_pruned_model(path: str, model_name: str, model_kwargs: dict, state: torch.Tensor, small) -> None:
     """Store a pruned model as plain tensors and names (loadable with ``weights_only=True``)."""
     atomic_save({"model": model_name, "kwargs": dict(model_kwargs), "state": state.cpu().bool(),
@@ -36,7 +53,7 @@ def load_pruned_model(path: str):
     from .models import build_model
     from ..units import discover_units
 
-    saved = torch.load(path, map_location="cpu", weights_only=True)
+    saved = load_checkpoint(path)
     dense = build_model(saved["model"], **saved["kwargs"])
     example = torch.zeros(2, saved["kwargs"]["in_channels"], saved["kwargs"]["input_size"],
                           saved["kwargs"]["input_size"])

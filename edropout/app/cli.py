@@ -13,6 +13,7 @@ import torch
 
 from .checkpoint import load_pruned_model, save_pruned_model
 from .data import DATASETS, load_dataset
+from .errors import UserError
 from ..energy import ENERGIES
 from .models import MODELS, build_model
 from ..pruner import EDropout
@@ -138,7 +139,11 @@ def _report(args, kwargs, data, model, pruner, run, device) -> dict:
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
     start = time.perf_counter()
-    report = prune(args)
+    try:
+        report = prune(args)
+    except UserError as error:
+        print(f"edropout: error: {error}", file=sys.stderr)
+        return 2
     print(f"{report['model']} on {report['data']}: Top-1 (F) {report['top1_F']:.2f}%  (P) {report['top1_P']:.2f}%  "
           f"Top-5 (P) {report['top5_P']:.2f}%  removed {report['percent_removed']:.2f}% of parameters "
           f"(R = {report['R_percent_kept']:.2f}% kept)  in {(time.perf_counter() - start) / 60:.2f} min; "

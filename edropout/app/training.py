@@ -9,7 +9,7 @@ import time
 
 import torch
 
-from .checkpoint import atomic_save
+from .checkpoint import atomic_save, load_checkpoint
 from .data import batches
 from ..modes import all_modules_in
 from ..pruner import EDropout
@@ -86,7 +86,7 @@ class Run:
         """Continue from ``checkpoint.pt`` in the output directory if there is one."""
         if not os.path.exists(self.checkpoint_path):
             return False
-        saved = torch.load(self.checkpoint_path, map_location="cpu", weights_only=False)
+        saved = load_checkpoint(self.checkpoint_path)
         self.model.load_state_dict(saved["model"])
         self.optimizer.load_state_dict(saved["optimizer"])
         self.scheduler.load_state_dict(saved["scheduler"])
