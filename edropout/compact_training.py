@@ -61,15 +61,23 @@ class CompactTrainer:
                                                else (v.clone() if torch.is_tensor(v) else v)
                                                for k, v in state_big.items()}
 
-    def step(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-        """One plain training step of the small network; returns the loss."""
+    def loss(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        """The small network's training forward with the user's current hyper-parameters: the cross-entropy loss."""
         for mine, theirs in zip(self.optimizer.param_groups, self.user_optimizer.param_groups):
             mine.update({k: v for k, v in theirs.items() if k != "params"})
         self.small.train(self.model.training)
-        loss = F.cross_entropy(self.small(x), y)
+        return F.cross_entropy(self.small(x), y)
+
+    def update(self, loss: torch.Tensor) -> None:
+        """Backward from ``loss`` and one plain optimizer step of the small network."""
         self.optimizer.zero_grad(set_to_none=True)
         loss.backward()
         self.optimizer.step()
+
+    def step(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        """One plain training step of the small network; returns the loss."""
+        loss = self.loss(x, y)
+        self.update(loss)
         return loss.detach()
 
     @torch.no_grad()

@@ -41,14 +41,55 @@ class Draws:
     crossover: torch.Tensor
 
 
+def distinct_others(members: int, generator: torch.Generator) -> torch.Tensor:
+    """Parent triples [S, 3]: for each member i three distinct indices other than i, uniformly over ordered
+    triples, in O(S) time and memory: the k-th index is a uniform draw among the S - 1 - k values not yet
+    excluded, mapped past the excluded ones in ascending order."""
+    excluded = torch.arange(members).unsqueeze(1)
+    for k in range(3):
+        pick = torch.randint(0, members - 1 - k, (members,), generator=generator)
+        for column in excluded.sort(dim=1).values.unbind(1):
+            pick = pick + (pick >= column).long()
+        excluded = torch.cat([excluded, pick.unsqueeze(1)], dim=1)
+    return excluded[:, 1:]
+
+
 def draw_randoms(members: int, num_units: int, generator: torch.Generator) -> Draws:
-    """Distinct a, b, c != i, uniformly over ordered triples (argsort of uniform keys with i excluded)."""
-    keys = torch.rand(members, members, generator=generator)
-    keys.fill_diagonal_(2.0)
-    parents = keys.argsort(dim=1)[:, :3]
+    """One generation's draws: distinct parents a, b, c != i (``distinct_others``), then the uniforms."""
+    parents = distinct_others(members, generator)
     mutation = torch.rand(members, num_units, generator=generator)
     crossover = torch.rand(members, num_units, generator=generator)
     return Draws(parents, mutation, crossover)
+
+
+# bytes per bit of the population that one generation holds at once: population and children (bool), mutation,
+# crossover and group-repair uniforms (float32), masks and the mutant (bool)
+BYTES_PER_BIT = 20
+
+
+def _available_memory(device: torch.device):
+    """Free bytes on ``device`` (CUDA: the driver's count; CPU: MemAvailable), or None when unknown."""
+    device = torch.device(device)
+    if device.type == "cuda":
+        return torch.cuda.mem_get_info(device)[0]
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return None
+
+
+def check_population_memory(members: int, num_units: int, device) -> None:
+    """Refuse, before allocating anything, a population whose generation cannot fit in the device's free memory."""
+    need = members * num_units * BYTES_PER_BIT
+    available = _available_memory(device)
+    if available is not None and need > available:
+        raise ValueError(f"population_size={members} with {num_units} units per state needs about "
+                         f"{need / 2 ** 30:.1f} GiB for one generation, but {device} has "
+                         f"{available / 2 ** 30:.1f} GiB free; use a smaller population_size")
 
 
 def mutate(population: torch.Tensor, parents: torch.Tensor, u: torch.Tensor, factor: float) -> torch.Tensor:

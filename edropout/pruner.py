@@ -7,6 +7,7 @@ weights exactly unchanged. Once the best state stops changing (§5) it is frozen
 from __future__ import annotations
 
 import contextlib
+import warnings
 from dataclasses import dataclass
 
 import torch
@@ -15,8 +16,10 @@ import torch.nn.functional as F
 
 from . import evolution as evo
 from .backends import Backend, make_backend
+from .checks import (LogitsOf, NonFiniteError, batch_problem, check_batch, check_logits, check_on_nonfinite,
+                     check_optimizer, model_device)
 from .compact_training import CompactTrainer
-from .energy import check_labels, resolve_energy
+from .energy import resolve_energy
 from .export import export_pruned
 from .masked_update import frozen_statistics, pruned_values, zero_pruned
 from .masking import masked
@@ -26,7 +29,8 @@ from .units import discover_units, model_outputs
 
 @dataclass
 class StepInfo:
-    """What one ``step`` did: training loss, best and mean stored energy, pruning rate of the best state."""
+    """What one ``step`` did: training loss, best and mean stored energy, pruning rate of the best state, and
+    whether the batch was skipped (``on_nonfinite="skip"``: no weight changed; loss NaN)."""
 
     iteration: int
     loss: float
@@ -34,6 +38,7 @@ class StepInfo:
     mean_energy: float
     pruning_rate: float
     converged: bool
+    skipped: bool = False
 
 
 class EDropout:
@@ -42,25 +47,37 @@ class EDropout:
     ``example_inputs`` is one small input batch used to trace which channels must be pruned together.
     ``backend`` is a registered name (``edropout.backends.BACKENDS``) or a ``Backend`` object; the pruner binds
     it to the model and holds it as ``self.backend``.
+    ``output_to_logits`` maps the model's output to the logits Tensor when the model returns something else (a
+    tuple, a dict, an object with ``.logits``), e.g. ``lambda out: out.logits``. ``on_nonfinite``: a batch with
+    NaN or infinite inputs, a non-finite training loss, or a batch on which every energy is non-finite raises
+    ``NonFiniteError`` before any weight changes ("raise"), or is skipped with a warning and counted in
+    ``skipped_batches`` ("skip").
     """
 
     def __init__(self, model: nn.Module, example_inputs: torch.Tensor, *, population_size: int = 8,
                  init_keep: float = 0.5, mutation_factor: float = 0.9, crossover_rate: float = 0.9,
                  energy="margin", backend="auto", seed: int = 0, min_iterations: int = 100,
                  patience: int = 10, rescore_parents: bool = False, score_in_eval_mode: bool = False,
-                 ignored_layers=None, max_members_per_pass=None, compact_after_convergence: bool = True):
+                 ignored_layers=None, max_members_per_pass=None, compact_after_convergence: bool = True,
+                 output_to_logits=None, on_nonfinite: str = "raise"):
         if not isinstance(model, nn.Module):
             raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
         if not torch.is_tensor(example_inputs):
             raise TypeError("example_inputs must be a Tensor batch of the model's input (e.g. x[:2])")
-        self.model = model
+        self.device = model_device(model)
+        if output_to_logits is not None and not callable(output_to_logits):
+            raise TypeError("output_to_logits must be a function from the model's output to the logits Tensor")
+        # the engine sees logits whatever the model returns; the wrapper shares the model's modules
+        self.model = model if output_to_logits is None else LogitsOf(model, output_to_logits)
+        self.on_nonfinite = check_on_nonfinite(on_nonfinite)
+        self.skipped_batches = 0
+        self._checked_optimizer = None
         self.example_inputs = example_inputs
         self.population_size = evo.check_population_size(population_size)
         self.init_keep = evo.check_probability("init_keep", init_keep)
         self.mutation_factor = evo.check_probability("mutation_factor", mutation_factor)
         self.crossover_rate = evo.check_probability("crossover_rate", crossover_rate)
         self.energy_fn = resolve_energy(energy)
-        self.device = next(model.parameters()).device
         backend = make_backend(backend)  # an unknown name fails before the model is traced
         if min_iterations < 0 or patience < 1:
             raise ValueError(f"min_iterations must be >= 0 and patience >= 1, got {min_iterations} and {patience}")
@@ -69,12 +86,14 @@ class EDropout:
         self._max_members_per_pass = max_members_per_pass
         self.compact_after_convergence = bool(compact_after_convergence)
         self._compact = None
-        self.units = discover_units(model, example_inputs, ignored_layers)
-        self.num_classes = model_outputs(model, example_inputs).shape[-1]
+        self.num_classes = check_logits(model_outputs(self.model, example_inputs),
+                                        output_to_logits is not None).shape[-1]
+        self.units = discover_units(self.model, example_inputs, ignored_layers)
         self.backend = backend
         self.seed = int(seed)
         self.generator = torch.Generator().manual_seed(self.seed)
         self._group_of_unit = self.units.group_of_unit
+        evo.check_population_memory(self.population_size, self.units.num_units, self.device)
         population = evo.initial_population(self.population_size, self.units.num_units, self.init_keep,
                                             self.generator)
         self.population = evo.keep_one_per_group(population, self._group_of_unit, self.generator).to(self.device)
@@ -113,45 +132,82 @@ class EDropout:
         """D, the number of prunable unit groups (bits per state)."""
         return self.units.num_units
 
-    def _check_batch(self, x, y):
-        if not torch.is_tensor(x) or not torch.is_tensor(y):
-            raise TypeError("x and y must be Tensors (inputs [B, ...] and integer labels [B])")
-        if y.dim() != 1 or x.shape[0] != y.shape[0]:
-            raise ValueError(f"x and y must have the same batch size and y must be 1-D labels; got x "
-                             f"{tuple(x.shape)} and y {tuple(y.shape)}")
-        if y.dtype.is_floating_point or y.dtype == torch.bool:
-            raise ValueError(f"y must hold integer class labels, got dtype {y.dtype}")
-        check_labels(y, self.num_classes)
+    def _checked(self, x, y):
+        """(labels as int64, what is non-finite in the batch or None); wrong labels, shapes or devices raise."""
+        y = check_batch(x, y, self.device)
+        return y, batch_problem(x, y, self.num_classes)
+
+    def _finite_batch(self, x, y):
+        """The batch's labels as int64; a non-finite input raises ``NonFiniteError`` (whatever ``on_nonfinite``:
+        a call that only scores has no batch to skip)."""
+        y, problem = self._checked(x, y)
+        if problem:
+            raise NonFiniteError(f"{problem}; clean or drop this batch")
+        return y
+
+    def _nonfinite(self, problem: str) -> StepInfo:
+        """Raise, or count and warn and return the skipped step's info (``on_nonfinite``)."""
+        if self.on_nonfinite == "raise":
+            raise NonFiniteError(f"{problem} at iteration {self.iteration + 1}; no weight was changed. Clean the data "
+                                 f"or lower the learning rate, or pass on_nonfinite='skip' to skip such batches")
+        self.skipped_batches += 1
+        warnings.warn(f"EDropout skipped a batch at iteration {self.iteration + 1}: {problem} "
+                      f"({self.skipped_batches} skipped so far)", RuntimeWarning, stacklevel=3)
+        energies = self.stored_energies if self.stored_energies is not None else torch.full((1,), float("nan"))
+        return StepInfo(self.iteration, float("nan"), float(energies.min()), float(energies.mean()),
+                        self.pruning_rate, self.converged, skipped=True)
 
     def score_states(self, states: torch.Tensor, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-        """Energies [N] of arbitrary states [N, D] on a batch; the model is left untouched."""
-        self._check_batch(x, y)
+        """Energies [N] of arbitrary states [N, D] on a batch; the model is left untouched. A state whose energy
+        is non-finite gets +inf."""
+        return self._score(states, x, self._finite_batch(x, y))
+
+    def _score(self, states, x, y):
         states = states.reshape(-1, self.num_units).to(self.device).bool()
         return self.backend.score(states, x, y)
 
     def energies(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-        """Energy of every population member on this batch: Tensor[S]."""
-        return self.score_states(self.population, x, y)
+        """Energy of every population member on this batch: Tensor[S] (+inf for a member whose energy is
+        non-finite; ``NonFiniteError`` when every member's is)."""
+        energies = self.score_states(self.population, x, y)
+        if not bool(torch.isfinite(energies).any()):
+            raise NonFiniteError("every population member's energy is non-finite on this batch: the model's "
+                                 "outputs overflow or are NaN whatever is pruned")
+        return energies
 
     # ----- evolution -----------------------------------------------------------------------------------
     def evolve(self, x: torch.Tensor, y: torch.Tensor) -> None:
         """One generation: children, scoring, greedy selection, best state and convergence."""
+        problem = self._evolve(x, self._finite_batch(x, y))
+        if problem:
+            raise NonFiniteError(problem)
+
+    def _evolve(self, x, y):
+        """``evolve`` on a checked batch; returns a problem (and changes nothing) when every energy is non-finite."""
+        generator_state = self.generator.get_state()
         children = self.backend.children(self.population, self.mutation_factor, self.crossover_rate,
                                          generator=self.generator, seed=self.seed, iteration=self.iteration)
         children = evo.keep_one_per_group(children, self._group_of_unit, self.generator)
-        if self.stored_energies is None or self.rescore_parents:
-            both = self.score_states(torch.cat([self.population, children]), x, y)
-            self.stored_energies, child_energies = both.split(self.population_size)
+        stored = self.stored_energies
+        if stored is None or self.rescore_parents:
+            stored, child_energies = self._score(torch.cat([self.population, children]), x, y).split(
+                self.population_size)
         else:
-            child_energies = self.score_states(children, x, y)
-        self.population, self.stored_energies, best_index = self.backend.select(
-            self.population, self.stored_energies, children, child_energies)
-        best = self.population[best_index]
-        changed = not torch.equal(best, self.best_state)  # the one host synchronisation of an iteration
+            child_energies = self._score(children, x, y)
+        population, energies, best_index = self.backend.select(self.population, stored, children, child_energies)
+        best = population[best_index]
+        # the one host synchronisation of an iteration: did the best state change, is its energy finite
+        flags = torch.stack([(best != self.best_state).any(), torch.isfinite(energies[best_index])])
+        changed, finite = flags.tolist()
+        if not finite:
+            self.generator.set_state(generator_state)
+            return "every population member's energy is non-finite on this batch"
+        self.population, self.stored_energies = population, energies
         if changed:
             self.best_state = best.clone()
         if self.convergence.update(self.iteration + 1, changed):
             self.finalize()
+        return None
 
     # ----- training ------------------------------------------------------------------------------------
     @property
@@ -163,23 +219,57 @@ class EDropout:
         return self._best_view
 
     def step(self, x: torch.Tensor, y: torch.Tensor, optimizer: torch.optim.Optimizer) -> StepInfo:
-        """One EDropout iteration: evolve and select (until converged), then a masked training step."""
-        self._check_batch(x, y)
+        """One EDropout iteration: evolve and select (until converged), then a masked training step.
+
+        Non-finite inputs, a non-finite loss, or every energy non-finite raise ``NonFiniteError`` before any
+        weight or optimizer state changes, or skip the batch (``on_nonfinite="skip"``). On CUDA the batch check
+        and the loss check cost one host synchronisation each."""
+        y, problem = self._checked(x, y)
+        if problem:
+            return self._nonfinite(problem)
+        if optimizer is not self._checked_optimizer:
+            check_optimizer(optimizer, self.model)
+            self._checked_optimizer = optimizer
         if not self.converged:
-            self.evolve(x, y)
-        if self.converged and self.compact_after_convergence and self.units.traced:
-            loss = self._compact_trainer(optimizer).step(x, y)
+            problem = self._evolve(x, y)
+            if problem:
+                return self._nonfinite(problem)
+        compact = self.converged and self.compact_after_convergence and self.units.traced
+        trainer = self._compact_trainer(optimizer) if compact else None
+        trained = trainer.small if compact else self.model
+        saved = [b.clone() for b in trained.buffers()] if self.on_nonfinite == "skip" else None
+        if compact:
+            loss = trainer.loss(x, y)
+            if not bool(torch.isfinite(loss.detach())):
+                return self._nonfinite_loss(loss, saved, trained)
+            trainer.update(loss)
         else:
             # restored after backward: autograd saves the running statistics it was given and checks their versions
             with frozen_statistics(self.best_view.statistics_keeps):
                 loss = F.cross_entropy(self.backend.training_logits(self.best_state, x), y)
-                optimizer.zero_grad(set_to_none=True)
-                loss.backward()
+                finite = bool(torch.isfinite(loss.detach()))
+                if finite:
+                    optimizer.zero_grad(set_to_none=True)
+                    loss.backward()
+            if not finite:
+                return self._nonfinite_loss(loss, saved, trained)
             self.backend.optimizer_step(optimizer, self.best_view)
         self.iteration += 1
         energies = self.stored_energies if self.stored_energies is not None else torch.full((1,), float("nan"))
         return StepInfo(self.iteration, float(loss.detach()), float(energies.min()), float(energies.mean()),
                         self.pruning_rate, self.converged)
+
+    def _nonfinite_loss(self, loss, saved, trained) -> StepInfo:
+        """The training loss is non-finite: no backward, no optimizer step. In skip mode the forward's buffers
+        (BatchNorm statistics) are put back; the iteration counts (its generation of the evolution stands)."""
+        if saved is not None:
+            with torch.no_grad():
+                for buffer, value in zip(trained.buffers(), saved):
+                    buffer.copy_(value)
+        info = self._nonfinite(f"the training loss is {float(loss.detach())}")
+        self.iteration += 1
+        info.iteration = self.iteration
+        return info
 
     @property
     def trains_kept_channels(self) -> bool:
@@ -240,7 +330,8 @@ class EDropout:
     def export(self) -> nn.Module:
         """A physically smaller copy of the model without the best state's pruned units."""
         self.sync()
-        return export_pruned(self.model, self.units, self.best_state, self.example_inputs)
+        small = export_pruned(self.model, self.units, self.best_state, self.example_inputs)
+        return small.model if isinstance(small, LogitsOf) else small
 
     # ----- checkpointing -------------------------------------------------------------------------------
     def state_dict(self) -> dict:

@@ -1,0 +1,125 @@
+"""Checks of what a user hands ``EDropout``: the model, each batch, the optimizer and the model's output.
+
+Every check names the problem and the fix. The value checks of a batch (non-finite inputs, labels out of range)
+run as one fused reduction and read back one small tensor: free on CPU, one host synchronisation per batch on
+CUDA (the label-range check alone used to cost two).
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn as nn
+
+
+class NonFiniteError(ValueError):
+    """A batch, a loss or every energy held NaN or infinity; nothing was changed by the step that found it."""
+
+
+ON_NONFINITE = ("raise", "skip")
+
+
+def check_on_nonfinite(value: str) -> str:
+    """``on_nonfinite`` is "raise" (stop with ``NonFiniteError``) or "skip" (skip the batch with a warning)."""
+    if value not in ON_NONFINITE:
+        raise ValueError(f"on_nonfinite must be one of {ON_NONFINITE}, got {value!r}")
+    return value
+
+
+def model_device(model: nn.Module) -> torch.device:
+    """The device of the model's parameters; a model without parameters has nothing to prune."""
+    for param in model.parameters():
+        return param.device
+    raise ValueError(f"the model ({type(model).__name__}) has no parameters, so there is nothing to prune or "
+                     f"train; pass a model with Conv or Linear layers")
+
+
+def _same_device(a: torch.device, b: torch.device) -> bool:
+    return a.type == b.type and (a.index is None or b.index is None or a.index == b.index)
+
+
+def check_batch(x, y, device: torch.device) -> torch.Tensor:
+    """Types, shapes, dtypes and devices of a batch (no device work); returns the labels as int64 (any integer
+    dtype is accepted)."""
+    if not torch.is_tensor(x) or not torch.is_tensor(y):
+        raise TypeError("x and y must be Tensors (inputs [B, ...] and integer labels [B])")
+    if y.dim() != 1 or x.dim() == 0 or x.shape[0] != y.shape[0]:
+        raise ValueError(f"x and y must have the same batch size and y must be 1-D labels; got x "
+                         f"{tuple(x.shape)} and y {tuple(y.shape)}")
+    if y.shape[0] == 0:
+        raise ValueError("the batch is empty (x and y hold no samples); skip empty batches, e.g. with a "
+                         "DataLoader(..., drop_last=True)")
+    if y.dtype.is_floating_point or y.dtype.is_complex or y.dtype == torch.bool:
+        raise ValueError(f"y must hold integer class labels, got dtype {y.dtype}")
+    for name, tensor in (("x", x), ("y", y)):
+        if not _same_device(tensor.device, device):
+            raise ValueError(f"{name} is on {tensor.device} but the model is on {device}; move the batch with "
+                             f"{name}.to({str(device)!r})")
+    return y if y.dtype == torch.int64 else y.long()
+
+
+def batch_problem(x: torch.Tensor, y: torch.Tensor, classes: int) -> str | None:
+    """What is wrong with the batch's values, or None: non-finite inputs, labels outside [0, classes).
+    One fused reduction and one read-back."""
+    parts = [y.min().unsqueeze(0), y.max().unsqueeze(0)]
+    if x.is_floating_point() or x.is_complex():
+        parts.append((~torch.isfinite(x)).sum().unsqueeze(0))
+    values = torch.cat(parts).tolist()
+    low, high = values[0], values[1]
+    if low < 0 or high >= classes:
+        raise ValueError(f"labels must lie in [0, {classes}) for a model with {classes} outputs; got labels in "
+                         f"[{low}, {high}]. Remap the labels or fix the classifier size")
+    if len(values) > 2 and values[2]:
+        return f"x holds {values[2]} non-finite values (NaN or infinity) of {x.numel()}"
+    return None
+
+
+def check_optimizer(optimizer, model: nn.Module) -> None:
+    """The optimizer must hold the model's parameters, or its steps would never change the model."""
+    if not isinstance(optimizer, torch.optim.Optimizer):
+        raise TypeError(f"optimizer must be a torch.optim.Optimizer, got {type(optimizer).__name__}")
+    held = {id(p) for group in optimizer.param_groups for p in group["params"]}
+    if not any(id(p) in held for p in model.parameters() if p.requires_grad):
+        raise ValueError("the optimizer holds none of the model's parameters (was it built for another model or "
+                         "a copy?); build it as torch.optim.<Name>(model.parameters(), ...) with the model given "
+                         "to EDropout")
+
+
+class LogitsOf(nn.Module):
+    """The user's model with ``output_to_logits`` applied to its output, so that the engine sees a logits
+    tensor [N, K] whatever the model returns (a tuple, a dict, an object with ``.logits``)."""
+
+    def __init__(self, model: nn.Module, output_to_logits):
+        super().__init__()
+        self.model = model
+        self.output_to_logits = output_to_logits
+
+    @property
+    def training(self) -> bool:
+        """The wrapped model's mode (the user switches their own model with ``.train()`` / ``.eval()``)."""
+        return self.__dict__.get("_modules", {}).get("model", None) is None or self.model.training
+
+    @training.setter
+    def training(self, mode: bool) -> None:
+        """``train(mode)`` reaches the wrapped model as a child module; the wrapper holds no mode of its own."""
+
+    def forward(self, x):
+        return self.output_to_logits(self.model(x))
+
+
+def check_logits(output, wrapped: bool) -> torch.Tensor:
+    """The model's (or ``output_to_logits``'s) output must be a logits tensor [N, K]; otherwise say what to pass."""
+    if torch.is_tensor(output):
+        if output.dim() != 2:
+            raise ValueError(f"the model's logits must have shape [N, classes], got {tuple(output.shape)}")
+        return output
+    if wrapped:
+        raise TypeError(f"output_to_logits returned a {type(output).__name__}; it must return the logits Tensor")
+    if isinstance(output, dict):
+        key = "logits" if "logits" in output else next(iter(output), "logits")
+        hint = f"output_to_logits=lambda out: out[{key!r}]"
+    elif isinstance(output, (tuple, list)):
+        hint = "output_to_logits=lambda out: out[0]"
+    elif hasattr(output, "logits"):
+        hint = "output_to_logits=lambda out: out.logits"
+    else:
+        hint = "output_to_logits=<a function from the output to the logits Tensor>"
+    raise TypeError(f"the model returns a {type(output).__name__}, not a logits Tensor; pass EDropout(..., {hint})")
