@@ -44,9 +44,3 @@ def member_energies(energy_fn, logits: torch.Tensor, targets: torch.Tensor, memb
     means = per_sample.float().reshape(members, -1).mean(dim=1)
     return torch.where(torch.isfinite(means), means, torch.full_like(means, float("inf")))
 
-
-def check_labels(targets: torch.Tensor, classes: int) -> None:
-    """Labels must index the model's classes."""
-    if targets.numel() and (int(targets.min()) < 0 or int(targets.max()) >= classes):
-        raise ValueError(f"labels must lie in [0, {classes}) for a model with {classes} outputs; got labels in "
-                         f"[{int(targets.min())}, {int(targets.max())}]. Remap the labels or fix the classifier size")
