@@ -8,6 +8,15 @@ import torch
 sys.path.insert(0, os.path.dirname(__file__))
 
 
+@pytest.fixture(autouse=True)
+def no_data_outside_the_repository(monkeypatch):
+    """The default Fashion-MNIST directory points nowhere, so no test passes only where the Debian package is
+    installed; tests that need idx files write small ones (``idx_files``)."""
+    import edropout.app.data
+
+    monkeypatch.setattr(edropout.app.data, "FASHION_MNIST_DIR", "/nonexistent/edropout-tests/fashion-mnist")
+
+
 @pytest.fixture
 def batch():
     g = torch.Generator().manual_seed(1)

@@ -3,6 +3,8 @@ import importlib.util
 import json
 import os
 
+from idx_files import write_fashion_like
+
 BENCH = os.path.join(os.path.dirname(__file__), "..", "benchmarks", "accuracy_fashion_mnist.py")
 
 
@@ -14,6 +16,7 @@ def test_accuracy_benchmark_runs_end_to_end(tmp_path):
               "optimizer": "adadelta", "population_size": 4, "energy": "margin", "patience": 1,
               "min_iterations_fraction": 0.5, "networks": {"resnet18": 4, "alexnet": 4, "squeezenet": 4},
               "seeds": [0]}
+    config["data_dir"] = str(write_fashion_like(tmp_path, n_train=256, n_test=128))  # read through the real loader
     path = tmp_path / "smoke.json"
     path.write_text(json.dumps(config))
     table = bench.main(["--config", str(path), "--out", str(tmp_path), "--device", "cpu"])

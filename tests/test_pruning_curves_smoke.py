@@ -3,6 +3,8 @@ import importlib.util
 import json
 import os
 
+from idx_files import write_fashion_like
+
 BENCH = os.path.join(os.path.dirname(__file__), "..", "benchmarks", "pruning_curves.py")
 FRACTIONS = [round(0.1 * i, 1) for i in range(10)]
 
@@ -23,6 +25,7 @@ def test_pruning_curves_benchmark_runs_end_to_end(tmp_path):
                           "dropout": {"p": 0.3}, "weight_decay": {"weight_decay": 5e-4},
                           "edropout": {"population_size": 4, "energy": "margin", "patience": 1,
                                        "min_iterations_fraction": 0.5}}}
+    config["data_dir"] = str(write_fashion_like(tmp_path, n_train=128, n_test=64))  # read through the real loader
     path = tmp_path / "smoke.json"
     path.write_text(json.dumps(config))
     table = bench.main(["--config", str(path), "--out", str(tmp_path), "--device", "cpu"])

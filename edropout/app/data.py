@@ -12,7 +12,10 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-FASHION_MNIST_DIR = "/usr/share/datasets/fashion-mnist"
+from .errors import DataError
+
+DEBIAN_FASHION_MNIST_DIR = "/usr/share/datasets/fashion-mnist"  # where dataset-fashion-mnist installs it
+FASHION_MNIST_DIR = DEBIAN_FASHION_MNIST_DIR  # the default --data-dir
 FASHION_FILES = {"train_x": "train-images-idx3-ubyte", "train_y": "train-labels-idx1-ubyte",
                  "test_x": "t10k-images-idx3-ubyte", "test_y": "t10k-labels-idx1-ubyte"}
 DATASETS = ("digits", "fashion-mnist")
@@ -38,8 +41,12 @@ class Dataset:
         return self.train_x.shape[-1]
 
 
-def _normalise(train, test):
+def _normalise(train, test, source: str):
+    """Standardise by the training images' mean and standard deviation; constant images cannot be."""
     mean, std = train.mean(), train.std()
+    if len(train) < 2 or float(train.max()) == float(train.min()):
+        raise DataError(f"{source}: every training pixel has the same value ({float(mean):g}), so the images "
+                        f"cannot be normalised and carry nothing to learn; check that this is the right file")
     return (train - mean) / std, (test - mean) / std
 
 
@@ -53,17 +60,65 @@ def load_digits(test_fraction: float = 0.2, seed: int = 0) -> Dataset:
     order = torch.randperm(len(y), generator=torch.Generator().manual_seed(seed))
     n_test = int(round(len(y) * test_fraction))
     test, train = order[:n_test], order[n_test:]
-    train_x, test_x = _normalise(x[train], x[test])
+    train_x, test_x = _normalise(x[train], x[test], "scikit-learn digits")
     return Dataset("digits", train_x, y[train], test_x, y[test], 10)
 
 
-def _read_idx(path: str) -> np.ndarray:
+# idx type codes (the third byte of the magic number) and their big-endian numpy types
+IDX_TYPES = {0x08: ">u1", 0x09: ">i1", 0x0B: ">i2", 0x0C: ">i4", 0x0D: ">f4", 0x0E: ">f8"}
+
+
+def _read_idx(path: str, dims: int, what: str) -> np.ndarray:
+    """An idx file's array, after checking its magic number, its number of dimensions (``dims``: 3 for images
+    [N, H, W], 1 for labels [N]) and that its length matches its header; errors name the file."""
     opener = gzip.open if path.endswith(".gz") else open
-    with opener(path, "rb") as f:
-        data = f.read()
-    dims = data[3]
+    try:
+        with opener(path, "rb") as f:
+            data = f.read()
+    except (OSError, EOFError) as error:
+        raise DataError(f"{path}: cannot read it ({error})") from None
+    if len(data) < 4 or data[0] != 0 or data[1] != 0 or data[2] not in IDX_TYPES:
+        raise DataError(f"{path} is not an idx file: its magic number is {data[:4].hex() or 'missing'}, expected "
+                        f"00 00, a type code (08 for unsigned bytes) and the number of dimensions")
+    if data[3] != dims:
+        raise DataError(f"{path} holds a {data[3]}-dimensional array, but {what} must be {dims}-dimensional; "
+                        f"is it the right file?")
+    header = 4 + 4 * dims
     shape = tuple(int.from_bytes(data[4 + 4 * i:8 + 4 * i], "big") for i in range(dims))
-    return np.frombuffer(data, dtype=np.uint8, offset=4 + 4 * dims).reshape(shape)
+    dtype = np.dtype(IDX_TYPES[data[2]])
+    expected = int(np.prod(shape)) * dtype.itemsize
+    if len(data) < header or len(data) - header != expected:
+        raise DataError(f"{path}: its header announces shape {shape} ({expected} bytes of data) but the file holds "
+                        f"{max(len(data) - header, 0)} bytes; the file is truncated or corrupt")
+    return np.frombuffer(data, dtype=dtype, offset=header).reshape(shape)
+
+
+def _images(path: str) -> torch.Tensor:
+    """Images [N, 1, H, W] as float32 (unsigned bytes scaled to [0, 1]); square, 8×8 or larger, finite."""
+    array = _read_idx(path, 3, "images [N, H, W]")
+    if array.shape[1] != array.shape[2] or array.shape[1] < 8:
+        raise DataError(f"{path}: images of {array.shape[1]}×{array.shape[2]} pixels; the models take square "
+                        f"images of 8×8 pixels or more")
+    images = torch.tensor(array.astype(np.float32)).unsqueeze(1)
+    if array.dtype == np.uint8:
+        images = images / 255.0
+    bad = int((~torch.isfinite(images)).sum())
+    if bad:
+        raise DataError(f"{path}: {bad} pixels are NaN or infinite; clean the file")
+    return images
+
+
+def _labels(path: str, count: int, images_path: str, classes: int) -> torch.Tensor:
+    """Labels [N] in [0, classes), as many as the images they belong to."""
+    array = _read_idx(path, 1, "labels [N]")
+    if array.dtype.kind not in "iu":
+        raise DataError(f"{path}: labels must be integers, got idx type {array.dtype}")
+    if len(array) != count:
+        raise DataError(f"{images_path} holds {count} images but {path} holds {len(array)} labels; every image "
+                        f"needs one label")
+    if len(array) and (array.min() < 0 or array.max() >= classes):
+        raise DataError(f"{path}: labels must lie in [0, {classes}), got [{array.min()}, {array.max()}]")
+    return torch.tensor(array.astype(np.int64))
 
 
 def _find(directory: str, stem: str) -> str:
@@ -71,23 +126,26 @@ def _find(directory: str, stem: str) -> str:
         path = os.path.join(directory, name)
         if os.path.exists(path):
             return path
-    raise FileNotFoundError(f"Fashion-MNIST file {stem}[.gz] not found in {directory}")
+    raise DataError(f"Fashion-MNIST file {stem}[.gz] not found in {directory}")
 
 
 def load_fashion_mnist(directory: str | None = None) -> Dataset:
     """Fashion-MNIST (60k train / 10k test, 28×28) from the four standard idx files in ``directory``."""
     directory = directory or FASHION_MNIST_DIR
     if not os.path.isdir(directory):
-        raise FileNotFoundError(
+        raise DataError(
             f"Fashion-MNIST directory {directory} does not exist. Install the data with "
-            f"'apt-get install dataset-fashion-mnist' (files land in {FASHION_MNIST_DIR}) or pass --data-dir "
+            f"'apt-get install dataset-fashion-mnist' (files land in {DEBIAN_FASHION_MNIST_DIR}) or pass --data-dir "
             f"pointing to a directory with train-images-idx3-ubyte[.gz] and the three other idx files")
-    arrays = {k: _read_idx(_find(directory, stem)) for k, stem in FASHION_FILES.items()}
-    tx = torch.tensor(arrays["train_x"], dtype=torch.float32).unsqueeze(1) / 255.0
-    vx = torch.tensor(arrays["test_x"], dtype=torch.float32).unsqueeze(1) / 255.0
-    tx, vx = _normalise(tx, vx)
-    return Dataset("fashion-mnist", tx, torch.tensor(arrays["train_y"], dtype=torch.long), vx,
-                   torch.tensor(arrays["test_y"], dtype=torch.long), 10)
+    paths = {k: _find(directory, stem) for k, stem in FASHION_FILES.items()}
+    tx, vx = _images(paths["train_x"]), _images(paths["test_x"])
+    if tx.shape[1:] != vx.shape[1:]:
+        raise DataError(f"{paths['train_x']} holds {tuple(tx.shape[2:])} images but {paths['test_x']} holds "
+                        f"{tuple(vx.shape[2:])} images; train and test images must have one size")
+    ty = _labels(paths["train_y"], len(tx), paths["train_x"], 10)
+    vy = _labels(paths["test_y"], len(vx), paths["test_x"], 10)
+    tx, vx = _normalise(tx, vx, paths["train_x"])
+    return Dataset("fashion-mnist", tx, ty, vx, vy, 10)
 
 
 def load_dataset(name: str, data_dir: str | None = None, limit: int | None = None) -> Dataset:

@@ -10,3 +10,7 @@ class UserError(ValueError):
 
 class CheckpointError(UserError):
     """A checkpoint that cannot be loaded safely, or that belongs to another run."""
+
+
+class DataError(UserError):
+    """A data file that is missing, malformed, or holds values a model cannot train on; the message names it."""
