@@ -73,6 +73,8 @@ class CompactTrainer:
         self.optimizer.zero_grad(set_to_none=True)
         loss.backward()
         self.optimizer.step()
+        # the user's optimizer stepped by proxy; LR schedulers read this flag to check the order of their calls
+        self.user_optimizer._opt_called = True
 
     def step(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         """One plain training step of the small network; returns the loss."""

@@ -269,7 +269,8 @@ def test_unsupported_tensors_return_false(make):
 
 def test_sparse_grad_returns_false():
     p = torch.nn.Parameter(torch.randn(6, 3, device=DEVICE))
-    p.grad = torch.sparse_coo_tensor(torch.tensor([[0, 2], [1, 0]]), torch.tensor([1.0, 2.0]), (6, 3)).to(DEVICE)
+    p.grad = torch.sparse_coo_tensor(torch.tensor([[0, 2], [1, 0]]), torch.tensor([1.0, 2.0]), (6, 3),
+                                     check_invariants=True).to(DEVICE)
     opt = torch.optim.SGD([p], lr=0.1)
     _unchanged_after_false(opt, [p])
 
