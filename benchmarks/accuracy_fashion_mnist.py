@@ -166,7 +166,7 @@ def main(argv=None):
         f.write(markdown(table, meta, checks))
     plot_accuracy(table, base + "_accuracy_vs_params.png")
     net, history, converged_at = first_history
-    plot_history(history, args.out, converged_at, prefix=f"accuracy_{name}_{net}_")
+    plot_history(history, args.out, converged_at, prefix=f"accuracy_{name}_{net}_", energy=config["energy"])
     print(markdown(table, meta, checks))
     return table
 

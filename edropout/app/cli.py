@@ -1,86 +1,246 @@
 """The ``edropout`` command: ``edropout prune`` trains a model with EDropout on a data set and writes a report,
-the pruned model and plots to ``--out``. A run killed midway resumes with ``--resume``.
+the pruned model and plots to ``--out``. A run that stops (killed, interrupted, out of power) continues with
+``--resume`` from its last checkpoint, bit for bit. User errors print one line and exit with status 2.
 """
 from __future__ import annotations
 
 import argparse
+import contextlib
+import glob
+import importlib.util
 import json
 import os
+import signal
 import sys
+import threading
 import time
 
 import torch
 
-from .checkpoint import load_pruned_model, save_pruned_model
-from .data import DATASETS, load_dataset
-from .errors import UserError
+from ..backends import BACKENDS
+from ..checks import NonFiniteError
 from ..energy import ENERGIES
-from .models import MODELS, build_model
 from ..pruner import EDropout
+from .checkpoint import load_checkpoint, load_pruned_model, save_pruned_model
+from .data import DATASETS, FASHION_MNIST_DIR, load_dataset
+from .errors import CheckpointError, UserError
+from .models import MODELS, build_model
 from .report import plot_history, write_json
-from .training import Run, evaluate, make_optimizer
+from .training import Interrupted, Run, evaluate, make_optimizer
+
+DEVICES = ("auto", "cpu", "cuda")
+# the files a run writes into --out: a directory holding any of them holds a run
+RUN_FILES = ("checkpoint.pt", "report.json", "history.json", "pruned_model.pt", "energy.png", "pruning.png")
+# options that may differ when a run is resumed; every other option must match the checkpoint's
+CHANGEABLE = ("epochs", "no_progress", "device", "threads", "checkpoint_every", "out", "resume", "overwrite")
+
+
+class _Parser(argparse.ArgumentParser):
+    """An argument parser whose errors are one line: the problem and where to read more."""
+
+    def error(self, message):
+        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+
+class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """Every option's help with its default; options whose default depends on others say so in words."""
+
+    def _get_help_string(self, action):
+        if action.default is None:
+            return action.help
+        return super()._get_help_string(action)
+
+
+def _number(kind, name, low, low_inclusive=True, high=None):
+    def parse(text):
+        try:
+            value = kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected {name}, got {text!r}") from None
+        if value < low or (value == low and not low_inclusive) or (high is not None and value > high):
+            raise argparse.ArgumentTypeError(f"expected {name}, got {text}")
+        return value
+    parse.__name__ = name  # argparse names the type in its messages
+    return parse
+
+
+POSITIVE_INT = _number(int, "a positive integer", 0, low_inclusive=False)
+NON_NEGATIVE_INT = _number(int, "an integer >= 0", 0)
+POPULATION = _number(int, "an integer >= 4 (each child needs three other members)", 4)
+PROBABILITY = _number(float, "a probability in [0, 1]", 0.0, high=1.0)
+POSITIVE_FLOAT = _number(float, "a positive number", 0.0, low_inclusive=False)
+NON_NEGATIVE_FLOAT = _number(float, "a number >= 0", 0.0)
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="edropout", description="Energy-based pruning (EDropout) for PyTorch.")
+    parser = _Parser(prog="edropout", description="Energy-based pruning (EDropout) for PyTorch.")
     sub = parser.add_subparsers(dest="command", required=True)
-    p = sub.add_parser("prune", help="train a model with EDropout and export the pruned network")
-    p.add_argument("--model", default="resnet18", choices=sorted(MODELS))
-    p.add_argument("--width", type=int, default=None, help="base width of the model (default per model)")
-    p.add_argument("--data", default="digits", choices=DATASETS)
-    p.add_argument("--data-dir", default=None, help="directory with the Fashion-MNIST idx files")
-    p.add_argument("--limit", type=int, default=None, help="use only the first N train and test images")
-    p.add_argument("--epochs", type=int, default=12)
-    p.add_argument("--batch-size", type=int, default=64)
-    p.add_argument("--optimizer", default="adadelta", choices=("adadelta", "sgd", "adam"))
-    p.add_argument("--lr", type=float, default=None, help="learning rate (default per optimizer)")
-    p.add_argument("--weight-decay", type=float, default=1e-5)
-    p.add_argument("--lr-step", type=int, default=None, help="multiply lr by 0.1 every N epochs (default: never)")
-    p.add_argument("--population-size", type=int, default=8)
-    p.add_argument("--init-keep", type=float, default=0.5)
-    p.add_argument("--mutation-factor", type=float, default=0.9)
-    p.add_argument("--crossover-rate", type=float, default=0.9)
-    p.add_argument("--energy", default="margin", choices=ENERGIES)
-    p.add_argument("--backend", default="auto", choices=("auto", "reference", "batched", "compact", "triton"))
-    p.add_argument("--min-iterations", type=int, default=None,
-                   help="iterations before the state may freeze (default: half of the run)")
-    p.add_argument("--patience", type=int, default=10, help="freeze once the best state is unchanged this long")
+    p = sub.add_parser("prune", help="train a model with EDropout and export the pruned network",
+                       formatter_class=_HelpFormatter,
+                       description="Train a model with EDropout on a data set; write report.json, the pruned "
+                                   "model, history and plots to --out, with checkpoints to resume from.")
+    p.add_argument("--model", default="resnet18", choices=sorted(MODELS), help="network to prune")
+    p.add_argument("--width", type=POSITIVE_INT, default=None,
+                   help="base width (channels of the first stage); default per model")
+    p.add_argument("--data", default="digits", choices=DATASETS,
+                   help="digits: scikit-learn's 8x8 digits; fashion-mnist: 28x28 idx files from --data-dir")
+    p.add_argument("--data-dir", default=None,
+                   help=f"directory with the four Fashion-MNIST idx files (.gz or not); default {FASHION_MNIST_DIR}")
+    p.add_argument("--limit", type=POSITIVE_INT, default=None,
+                   help="use only the first N train and N test images; default all")
+    p.add_argument("--epochs", type=POSITIVE_INT, default=12,
+                   help="epochs to train; with --resume, a larger value extends a run")
+    p.add_argument("--batch-size", type=POSITIVE_INT, default=64, help="images per iteration")
+    p.add_argument("--optimizer", default="adadelta", choices=("adadelta", "sgd", "adam"),
+                   help="official: Adadelta (rho 0.9, eps 1e-6)")
+    p.add_argument("--lr", type=POSITIVE_FLOAT, default=None,
+                   help="learning rate; default per optimizer (adadelta 1.0, sgd 0.05, adam 1e-3)")
+    p.add_argument("--weight-decay", type=NON_NEGATIVE_FLOAT, default=1e-5, help="L2 weight decay")
+    p.add_argument("--lr-step", type=POSITIVE_INT, default=None,
+                   help="multiply the learning rate by 0.1 every N epochs; default never")
+    p.add_argument("--population-size", type=POPULATION, default=8, help="pruning states evolved (S)")
+    p.add_argument("--init-keep", type=PROBABILITY, default=0.5,
+                   help="probability that a unit is kept in the initial population")
+    p.add_argument("--mutation-factor", type=PROBABILITY, default=0.9, help="differential evolution's F")
+    p.add_argument("--crossover-rate", type=PROBABILITY, default=0.9, help="differential evolution's C")
+    p.add_argument("--energy", default="margin", choices=ENERGIES, help="energy that scores a pruning state")
+    p.add_argument("--backend", default="auto", choices=tuple(BACKENDS),
+                   help="how the population is scored: reference (one masked forward per state), batched (one "
+                        "forward of S*B rows), compact (kept channels only, CPU), triton (GPU kernels), auto")
+    p.add_argument("--min-iterations", type=NON_NEGATIVE_INT, default=None,
+                   help="iterations before the state may freeze; default half of the run")
+    p.add_argument("--patience", type=POSITIVE_INT, default=10,
+                   help="freeze once the best state is unchanged for this many iterations")
     p.add_argument("--rescore-parents", action="store_true", help="re-score parents on every batch")
     p.add_argument("--eval-mode-scoring", action="store_true", help="score with BatchNorm running statistics")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--device", default="auto", help="cpu, cuda, or auto")
-    p.add_argument("--threads", type=int, default=None, help="torch.set_num_threads")
+    p.add_argument("--seed", type=int, default=0, help="seed of the model, data order and evolution")
+    p.add_argument("--device", default="auto", choices=DEVICES, help="auto: cuda when available, else cpu")
+    p.add_argument("--threads", type=POSITIVE_INT, default=None,
+                   help="CPU threads (torch.set_num_threads); default torch's")
     p.add_argument("--out", default="runs/edropout", help="output directory")
-    p.add_argument("--resume", action="store_true", help="continue from OUT/checkpoint.pt if present")
-    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.add_argument("--checkpoint-every", type=NON_NEGATIVE_FLOAT, default=5.0,
+                   help="minutes between checkpoints inside an epoch (0: after every iteration); one is also "
+                        "written after every epoch and on SIGINT/SIGTERM")
+    run_mode = p.add_mutually_exclusive_group()
+    run_mode.add_argument("--resume", action="store_true",
+                          help="continue the run in --out from its checkpoint (same settings; --epochs may grow)")
+    run_mode.add_argument("--overwrite", action="store_true", help="replace the run already in --out")
+    p.add_argument("--no-progress", action="store_true", help="hide the progress bar")
     return parser
 
 
-def _device(name):
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(name)
+def _device(args) -> torch.device:
+    """The device to run on; CUDA and the Triton backend are checked before anything is built."""
+    if args.device == "cuda" and not torch.cuda.is_available():
+        raise UserError("--device cuda: torch.cuda.is_available() is False (this torch build has no CUDA, or no "
+                        "GPU is visible); use --device cpu, or install a CUDA build of torch")
+    device = torch.device("cuda" if args.device == "auto" and torch.cuda.is_available() else
+                          "cpu" if args.device == "auto" else args.device)
+    if args.backend == "triton":
+        if importlib.util.find_spec("triton") is None:
+            raise UserError("--backend triton: Triton is not installed (pip install triton); or use --backend auto")
+        if device.type != "cuda" and os.environ.get("TRITON_INTERPRET") != "1":
+            raise UserError("--backend triton needs a CUDA GPU, and this run is on the CPU; use --backend auto, or "
+                            "set TRITON_INTERPRET=1 to run the kernels in Triton's interpreter on the CPU (slow)")
+    return device
+
+
+def _config(args) -> dict:
+    """The settings a resumed run must share with its checkpoint (every option not in ``CHANGEABLE``)."""
+    config = {k: v for k, v in vars(args).items() if k not in CHANGEABLE and k != "command"}
+    config["data_dir"] = os.path.abspath(args.data_dir) if args.data == "fashion-mnist" and args.data_dir else None
+    return config
+
+
+def _prepare_out(args):
+    """Refuse to replace a run unless asked; with --overwrite remove the old run's files; remove temporary files
+    a killed run left; with --resume load and check the checkpoint. Returns the checkpoint or None."""
+    holds = [name for name in RUN_FILES if os.path.exists(os.path.join(args.out, name))]
+    if holds and not (args.resume or args.overwrite):
+        raise UserError(f"{args.out} already holds a run ({', '.join(holds)}); pass --resume to continue it or "
+                        f"--overwrite to replace it, or choose another --out")
+    checkpoint = os.path.join(args.out, "checkpoint.pt")
+    if args.resume and not os.path.exists(checkpoint):
+        raise UserError(f"--resume: there is no checkpoint at {checkpoint}; run without --resume to start")
+    os.makedirs(args.out, exist_ok=True)
+    for stale in glob.glob(os.path.join(args.out, ".tmp-*.pt")) + glob.glob(os.path.join(args.out, "*.tmp")):
+        os.remove(stale)
+    if args.overwrite:
+        for name in holds:
+            os.remove(os.path.join(args.out, name))
+    if not args.resume:
+        return None
+    saved = load_checkpoint(checkpoint)
+    if not isinstance(saved, dict) or "config" not in saved or "rng" not in saved:
+        raise CheckpointError(f"{checkpoint} was written by an older edropout and lacks the run's settings and "
+                              f"random states, so it cannot be resumed exactly; start again with --overwrite")
+    mine = _config(args)
+    theirs = {k: v for k, v in saved["config"].items() if k != "min_iterations_resolved"}
+    differences = [f"--{k.replace('_', '-')} {theirs.get(k)!r} (checkpoint) vs {mine.get(k)!r}"
+                   for k in sorted(set(mine) | set(theirs)) if mine.get(k) != theirs.get(k)]
+    if differences:
+        raise CheckpointError(f"--resume: these options differ from the run in {args.out}: "
+                              f"{'; '.join(differences)}. Resume with the run's settings, or start a new run "
+                              f"in another --out (only {', '.join('--' + c.replace('_', '-') for c in CHANGEABLE[:4])} "
+                              f"may change)")
+    needed = saved["epoch"] + (1 if saved["order"] is not None else 0)
+    if args.epochs < needed:
+        raise UserError(f"--resume: the run in {args.out} has reached epoch {needed}; pass --epochs {needed} or "
+                        f"more")
+    return saved
+
+
+@contextlib.contextmanager
+def _stop_on_signals(run_state: dict):
+    """SIGINT/SIGTERM during training ask the run to checkpoint after the current iteration and stop; outside
+    training (or a second signal) they stop at once. Only the main thread can install handlers."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def handler(signum, frame):
+        run = run_state.get("run")
+        if run is not None and run_state.get("training") and run.stop_signal is None:
+            run.stop_signal = signum
+        else:
+            raise Interrupted(signum, saved=False)
+
+    previous = {s: signal.signal(s, handler) for s in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        yield
+    finally:
+        for s, h in previous.items():
+            signal.signal(s, h)
 
 
 def _params(model):
     return sum(p.numel() for p in model.parameters() if p.requires_grad)
 
 
-def prune(args) -> dict:
+def prune(args, run_state=None) -> dict:
     """Run the main job and return the report it wrote."""
+    run_state = {} if run_state is None else run_state
+    device = _device(args)
+    saved = _prepare_out(args)
     if args.threads:
         torch.set_num_threads(args.threads)
-    device = _device(args.device)
-    data = load_dataset(args.data, args.data_dir, args.limit)
+    try:
+        data = load_dataset(args.data, args.data_dir, args.limit)
+    except FileNotFoundError as error:
+        raise UserError(str(error)) from None
+    per_epoch = len(data.train_y) // args.batch_size
+    if per_epoch == 0:
+        raise UserError(f"--batch-size {args.batch_size} exceeds the {len(data.train_y)} training images; use a "
+                        f"smaller --batch-size or a larger --limit")
+    config = _config(args)
+    # the convergence rule a run started with stays when --epochs extends it
+    min_iterations = saved["config"]["min_iterations_resolved"] if saved else (
+        args.min_iterations if args.min_iterations is not None else per_epoch * args.epochs // 2)
+    config["min_iterations_resolved"] = min_iterations
     torch.manual_seed(args.seed)
     kwargs = {"in_channels": data.in_channels, "input_size": data.input_size,
               "num_classes": data.num_classes, "width": args.width}
     model = build_model(args.model, **kwargs).to(device)
-    per_epoch = len(data.train_y) // args.batch_size
-    if per_epoch == 0:
-        raise ValueError(f"batch size {args.batch_size} exceeds the {len(data.train_y)} training images")
-    total = per_epoch * args.epochs
-    min_iterations = args.min_iterations if args.min_iterations is not None else total // 2
     pruner = EDropout(model, data.train_x[:2].to(device), population_size=args.population_size,
                       init_keep=args.init_keep, mutation_factor=args.mutation_factor,
                       crossover_rate=args.crossover_rate, energy=args.energy, backend=args.backend, seed=args.seed,
@@ -88,19 +248,28 @@ def prune(args) -> dict:
                       score_in_eval_mode=args.eval_mode_scoring)
     optimizer = make_optimizer(args.optimizer, model.parameters(), args.lr, args.weight_decay)
     scheduler = torch.optim.lr_scheduler.StepLR(optimizer, step_size=args.lr_step or 10 ** 9, gamma=0.1)
-    os.makedirs(args.out, exist_ok=True)
-    run = Run(model, pruner, optimizer, scheduler, data, args.batch_size, args.seed, args.out)
-    if args.resume and run.resume():
-        print(f"resumed from {run.checkpoint_path} at epoch {run.epoch}", file=sys.stderr)
+    run = Run(model, pruner, optimizer, scheduler, data, args.batch_size, args.seed, args.out, config,
+              args.checkpoint_every)
+    if saved:
+        run.restore(saved)
+        run.resumes.append({"iteration": pruner.iteration, "epochs": args.epochs})
+        print(f"resumed from {run.checkpoint_path} at epoch {run.epoch + 1}, iteration {pruner.iteration}",
+              file=sys.stderr)
+    run_state["run"] = run
     progress = None
     if not args.no_progress:
         from tqdm import tqdm
 
-        progress = tqdm(total=total, initial=run.epoch * per_epoch, desc="edropout", unit="it", file=sys.stderr)
-    while run.epoch < args.epochs:
-        run.train_epoch(progress)
-    if progress is not None:
-        progress.close()
+        progress = tqdm(total=per_epoch * args.epochs, initial=pruner.iteration, desc="edropout", unit="it",
+                        file=sys.stderr)
+    try:
+        run_state["training"] = True
+        while run.epoch < args.epochs:
+            run.train_epoch(progress)
+        run_state["training"] = False
+    finally:
+        if progress is not None:
+            progress.close()
     if not pruner.converged:
         pruner.finalize()
     pruner.sync()
@@ -118,8 +287,9 @@ def _report(args, kwargs, data, model, pruner, run, device) -> dict:
     rate = pruner.pruning_rate
     report = {
         "model": args.model, "data": args.data, "device": str(device), "backend": str(pruner.backend),
-        "epochs": args.epochs, "batch_size": args.batch_size, "population_size": args.population_size,
+        "epochs": run.epoch, "batch_size": args.batch_size, "population_size": args.population_size,
         "energy": args.energy, "seed": args.seed, "iterations": pruner.iteration,
+        "min_iterations": pruner.convergence.min_iterations, "resumed": run.resumes,
         "converged_at_iteration": run.converged_at,
         "parameters_dense": _params(model), "parameters_pruned": _params(small),
         "percent_removed": 100.0 * rate, "R_percent_kept": 100.0 * (1.0 - rate),
@@ -132,18 +302,33 @@ def _report(args, kwargs, data, model, pruner, run, device) -> dict:
     write_json(report, args.out)
     with open(os.path.join(args.out, "history.json"), "w") as f:
         json.dump(run.history, f)
-    plot_history(run.history, args.out, run.converged_at)
+    plot_history(run.history, args.out, run.converged_at, energy=args.energy)
     return report
 
 
 def main(argv=None) -> int:
+    """``edropout ...``: 0 on success, 2 for a user error, 1 when training stops on a non-finite value, 128 + the
+    signal's number when SIGINT or SIGTERM stopped it; each failure is one line on stderr."""
     args = build_parser().parse_args(argv)
     start = time.perf_counter()
+    run_state = {}
     try:
-        report = prune(args)
+        with _stop_on_signals(run_state):
+            report = prune(args, run_state)
     except UserError as error:
         print(f"edropout: error: {error}", file=sys.stderr)
         return 2
+    except NonFiniteError as error:
+        print(f"edropout: error: training stopped: {error}. The last checkpoint is in {args.out}", file=sys.stderr)
+        return 1
+    except Interrupted as stop:
+        run = run_state.get("run")
+        where = (f" at iteration {run.pruner.iteration} (epoch {run.epoch + 1}, batch {run.position} of "
+                 f"{run.iterations_per_epoch}); checkpoint saved to {run.checkpoint_path}; continue with --resume"
+                 if stop.saved else "; nothing was saved" if run is None else
+                 f"; the last checkpoint is {run.checkpoint_path}")
+        print(f"edropout: interrupted by {signal.Signals(stop.signum).name}{where}", file=sys.stderr)
+        return 128 + stop.signum
     print(f"{report['model']} on {report['data']}: Top-1 (F) {report['top1_F']:.2f}%  (P) {report['top1_P']:.2f}%  "
           f"Top-5 (P) {report['top5_P']:.2f}%  removed {report['percent_removed']:.2f}% of parameters "
           f"(R = {report['R_percent_kept']:.2f}% kept)  in {(time.perf_counter() - start) / 60:.2f} min; "

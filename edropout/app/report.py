@@ -84,13 +84,16 @@ def figure(path: str, figsize):
         plt.close(fig)
 
 
-def plot_history(history: list, out_dir: str, converged_at=None, prefix: str = "") -> list:
-    """``energy.png`` (best and mean stored energy) and ``pruning.png`` (pruning rate) per iteration."""
+def plot_history(history: list, out_dir: str, converged_at=None, prefix: str = "", energy: str = "margin") -> list:
+    """``energy.png`` (best and mean stored ``energy`` per iteration) and ``pruning.png`` (share of parameters
+    removed, on a fixed 0–100 % axis so that noise does not look like swings), each with a title."""
     it = [h["iteration"] for h in history]
     paths = []
-    for name, series, ylabel in (
-            ("energy.png", (("best energy", "best_energy"), ("mean energy", "mean_energy")), "energy"),
-            ("pruning.png", (("parameters removed (%)", "pruning_rate"),), "% of parameters removed")):
+    for name, title, series, ylabel in (
+            ("energy.png", f"EDropout: {energy} energy of the population",
+             (("best energy", "best_energy"), ("mean energy", "mean_energy")), f"{energy} energy"),
+            ("pruning.png", "EDropout: parameters removed by the best state",
+             (("parameters removed (%)", "pruning_rate"),), "% of parameters removed")):
         path = os.path.join(out_dir, prefix + name)
         with figure(path, (6, 3.5)) as (fig, ax):
             for label, key in series:
@@ -98,6 +101,9 @@ def plot_history(history: list, out_dir: str, converged_at=None, prefix: str = "
                 ax.plot(it, [scale * h[key] for h in history], label=label)
             if converged_at:
                 ax.axvline(converged_at, color="grey", linestyle="--", label="state frozen")
+            if name == "pruning.png":
+                ax.set_ylim(0, 100)
+            ax.set_title(title)
             ax.set_xlabel("iteration")
             ax.set_ylabel(ylabel)
             ax.legend()

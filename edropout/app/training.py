@@ -4,9 +4,12 @@ from __future__ import annotations
 
 import contextlib
 import os
+import random
+import signal
 import tempfile
 import time
 
+import numpy as np
 import torch
 
 from .checkpoint import atomic_save, load_checkpoint
@@ -58,17 +61,60 @@ def make_optimizer(name: str, params, lr=None, weight_decay=1e-5):
     raise ValueError(f"unknown optimizer {name!r}: use adadelta, sgd or adam")
 
 
-class Run:
-    """The state of one EDropout training run; checkpointed atomically after every epoch."""
+def rng_states() -> dict:
+    """The global random states a run consumes (torch CPU and CUDA, numpy, Python), as tensors and plain values
+    so that a checkpoint holding them loads with ``weights_only=True``."""
+    name, keys, position, has_gauss, cached = np.random.get_state()
+    return {"torch": torch.get_rng_state(),
+            "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_initialized() else [],
+            "numpy": {"name": name, "keys": torch.from_numpy(keys.astype(np.int64)), "position": int(position),
+                      "has_gauss": int(has_gauss), "cached": float(cached)},
+            "python": random.getstate()}
 
-    def __init__(self, model, pruner, optimizer, scheduler, data, batch_size, seed, out_dir):
+
+def set_rng_states(states: dict) -> None:
+    """Restore what ``rng_states`` returned."""
+    torch.set_rng_state(states["torch"])
+    if states["cuda"] and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(states["cuda"])
+    n = states["numpy"]
+    np.random.set_state((n["name"], n["keys"].numpy().astype(np.uint32), n["position"], n["has_gauss"], n["cached"]))
+    version, internal, gauss = states["python"]
+    random.setstate((version, tuple(internal), gauss))
+
+
+class Interrupted(Exception):
+    """SIGINT or SIGTERM stopped the run after a checkpoint at the current iteration."""
+
+    def __init__(self, signum: int, saved: bool):
+        super().__init__(signal.Signals(signum).name)
+        self.signum, self.saved = signum, saved
+
+
+class Run:
+    """The state of one EDropout training run, checkpointed atomically at the end of every epoch, every
+    ``checkpoint_every`` minutes inside an epoch (None: never inside one), and when a stop is requested.
+
+    A checkpoint holds the model, optimizer, scheduler, pruner, the epoch's data order and position, the global
+    random states and ``config`` (the run's settings), so a resumed run continues bit for bit."""
+
+    def __init__(self, model, pruner, optimizer, scheduler, data, batch_size, seed, out_dir, config=None,
+                 checkpoint_every=None):
         self.model, self.pruner, self.optimizer, self.scheduler = model, pruner, optimizer, scheduler
         self.data, self.batch_size, self.out_dir = data, batch_size, out_dir
+        self.config = dict(config or {})
+        self.checkpoint_every = checkpoint_every
         self.generator = torch.Generator().manual_seed(seed)
         self.epoch = 0
+        self.order = None  # this epoch's shuffled indices, None between epochs
+        self.position = 0  # batches of this epoch already trained
+        self.epoch_elapsed = 0.0
         self.history = []
         self.epoch_seconds = []
         self.converged_at = None
+        self.resumes = []  # {"iteration", "epochs"} of every resume, for the report
+        self.stop_signal = None
+        self._last_save = time.monotonic()
 
     @property
     def checkpoint_path(self):
@@ -76,43 +122,65 @@ class Run:
 
     def save(self):
         pruner_state = self.pruner.state_dict()  # first: it writes compact-training weights back into the model
-        atomic_save({"model": self.model.state_dict(), "optimizer": self.optimizer.state_dict(),
-                     "scheduler": self.scheduler.state_dict(), "pruner": pruner_state,
-                     "generator": self.generator.get_state(), "epoch": self.epoch, "history": self.history,
-                     "epoch_seconds": self.epoch_seconds, "converged_at": self.converged_at},
+        atomic_save({"config": self.config, "model": self.model.state_dict(),
+                     "optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict(),
+                     "pruner": pruner_state, "generator": self.generator.get_state(), "rng": rng_states(),
+                     "epoch": self.epoch, "order": self.order, "position": self.position,
+                     "epoch_elapsed": self.epoch_elapsed, "history": self.history,
+                     "epoch_seconds": self.epoch_seconds, "converged_at": self.converged_at,
+                     "resumes": self.resumes},
                     self.checkpoint_path)
+        self._last_save = time.monotonic()
 
-    def resume(self) -> bool:
-        """Continue from ``checkpoint.pt`` in the output directory if there is one."""
-        if not os.path.exists(self.checkpoint_path):
-            return False
-        saved = load_checkpoint(self.checkpoint_path)
+    def restore(self, saved: dict) -> None:
+        """Continue from a loaded checkpoint (``checkpoint.load_checkpoint``)."""
         self.model.load_state_dict(saved["model"])
         self.optimizer.load_state_dict(saved["optimizer"])
         self.scheduler.load_state_dict(saved["scheduler"])
         self.pruner.load_state_dict(saved["pruner"])
         self.generator.set_state(saved["generator"])
-        self.epoch, self.history = saved["epoch"], saved["history"]
+        set_rng_states(saved["rng"])
+        self.epoch, self.order, self.position = saved["epoch"], saved["order"], saved["position"]
+        self.epoch_elapsed, self.history = saved["epoch_elapsed"], saved["history"]
         self.epoch_seconds, self.converged_at = saved["epoch_seconds"], saved["converged_at"]
-        return True
+        self.resumes = saved["resumes"]
+
+    @property
+    def iterations_per_epoch(self) -> int:
+        return len(self.data.train_y) // self.batch_size
 
     def train_epoch(self, progress=None):
-        """One pass over the training set; each iteration is one ``pruner.step``."""
+        """The rest of the current epoch (all of it at an epoch's start); each iteration is one ``pruner.step``.
+        Raises ``Interrupted`` after saving when ``stop_signal`` was set."""
         device = next(self.model.parameters()).device
-        start = time.perf_counter()
-        for xb, yb in batches(self.data.train_x, self.data.train_y, self.batch_size, self.generator):
-            info = self.pruner.step(xb.to(device), yb.to(device), self.optimizer)
+        if self.order is None:
+            self.order = torch.randperm(len(self.data.train_y), generator=self.generator)
+            self.position, self.epoch_elapsed = 0, 0.0
+        while self.position < self.iterations_per_epoch:
+            start = time.perf_counter()
+            idx = self.order[self.position * self.batch_size:(self.position + 1) * self.batch_size]
+            info = self.pruner.step(self.data.train_x[idx].to(device), self.data.train_y[idx].to(device),
+                                    self.optimizer)
             self.history.append({"iteration": info.iteration, "loss": info.loss, "best_energy": info.best_energy,
                                  "mean_energy": info.mean_energy, "pruning_rate": info.pruning_rate})
             if info.converged and self.converged_at is None:
                 self.converged_at = info.iteration
+            self.position += 1
+            self.epoch_elapsed += time.perf_counter() - start
             if progress is not None:
                 progress.update(1)
                 progress.set_postfix(epoch=self.epoch + 1, energy=f"{info.best_energy:.3f}",
                                      pruned=f"{100 * info.pruning_rate:.1f}%", loss=f"{info.loss:.3f}")
+            if self.stop_signal is not None:
+                self.save()
+                raise Interrupted(self.stop_signal, saved=True)
+            if (self.checkpoint_every is not None and self.position < self.iterations_per_epoch
+                    and time.monotonic() - self._last_save >= 60.0 * self.checkpoint_every):
+                self.save()
         self.scheduler.step()
         self.epoch += 1
-        self.epoch_seconds.append(time.perf_counter() - start)
+        self.order, self.position = None, 0
+        self.epoch_seconds.append(self.epoch_elapsed)
         self.save()
 
 
