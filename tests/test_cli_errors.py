@@ -88,8 +88,8 @@ def test_plots_have_titles_the_energy_name_and_a_full_percentage_axis(tmp_path, 
         return _Spy()
 
     monkeypatch.setattr(report, "figure", spy)
-    history = [{"iteration": i + 1, "best_energy": -1.0 - 0.01 * i, "mean_energy": -0.5, "pruning_rate": 0.78 + 0.001 * i}
-               for i in range(20)]
+    history = [{"iteration": i + 1, "best_energy": -1.0 - 0.01 * i, "mean_energy": -0.5,
+                "pruning_rate": 0.78 + 0.001 * i} for i in range(20)]
     report.plot_history(history, str(tmp_path), converged_at=10, energy="cross_entropy")
     energy, pruning = axes["energy.png"], axes["pruning.png"]
     assert "cross_entropy energy" in energy.get_title() and energy.get_ylabel() == "cross_entropy energy"
