@@ -95,3 +95,12 @@ def test_plots_have_titles_the_energy_name_and_a_full_percentage_axis(tmp_path, 
     assert "cross_entropy energy" in energy.get_title() and energy.get_ylabel() == "cross_entropy energy"
     assert pruning.get_title() and pruning.get_ylim() == (0.0, 100.0)
     assert (tmp_path / "energy.png").stat().st_size > 0 and (tmp_path / "pruning.png").stat().st_size > 0
+
+
+def test_a_diverging_run_stops_with_one_line_and_status_1(tmp_path, capsys):
+    out = tmp_path / "run"
+    assert main(TINY + ["--optimizer", "sgd", "--lr", "1e30", "--out", str(out)]) == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("edropout: error: training stopped: the training loss is nan at "
+                                               "iteration 2; no weight was changed."), err
+    assert not (out / "report.json").exists()

@@ -319,7 +319,9 @@ def main(argv=None) -> int:
         print(f"edropout: error: {error}", file=sys.stderr)
         return 2
     except NonFiniteError as error:
-        print(f"edropout: error: training stopped: {error}. The last checkpoint is in {args.out}", file=sys.stderr)
+        checkpoint = os.path.join(args.out, "checkpoint.pt")
+        kept = f"; the last checkpoint is {checkpoint}" if os.path.exists(checkpoint) else ""
+        print(f"edropout: error: training stopped: {error}{kept}", file=sys.stderr)
         return 1
     except Interrupted as stop:
         run = run_state.get("run")
