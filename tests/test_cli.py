@@ -1,5 +1,4 @@
 """The main job end to end on a tiny configuration, resume, the pruned-model file, and the data loaders."""
-import gzip
 import json
 import os
 
@@ -12,6 +11,7 @@ from edropout.app.cli import main
 from edropout.app.data import load_dataset, load_fashion_mnist
 from edropout.app.models import build_model
 from edropout.app.training import evaluate
+from idx_files import write_idx
 
 TINY = ["prune", "--model", "lenet", "--width", "4", "--batch-size", "32", "--limit", "256",
         "--population-size", "4", "--min-iterations", "4", "--patience", "2", "--no-progress"]
@@ -51,18 +51,12 @@ def test_resume_continues_where_the_run_stopped(tmp_path):
     assert [h["best_energy"] for h in ha] == pytest.approx([h["best_energy"] for h in hb], abs=1e-6)
 
 
-def _write_idx(path, array):
-    header = bytes([0, 0, 8, array.ndim]) + b"".join(int(s).to_bytes(4, "big") for s in array.shape)
-    with gzip.open(path, "wb") as f:
-        f.write(header + array.astype(np.uint8).tobytes())
-
-
 def test_fashion_mnist_loader_reads_any_idx_directory(tmp_path):
     rng = np.random.default_rng(0)
-    _write_idx(tmp_path / "train-images-idx3-ubyte.gz", rng.integers(0, 256, (20, 28, 28)))
-    _write_idx(tmp_path / "train-labels-idx1-ubyte.gz", rng.integers(0, 10, (20,)))
-    _write_idx(tmp_path / "t10k-images-idx3-ubyte.gz", rng.integers(0, 256, (7, 28, 28)))
-    _write_idx(tmp_path / "t10k-labels-idx1-ubyte.gz", np.arange(7))
+    write_idx(tmp_path / "train-images-idx3-ubyte.gz", rng.integers(0, 256, (20, 28, 28)))
+    write_idx(tmp_path / "train-labels-idx1-ubyte.gz", rng.integers(0, 10, (20,)))
+    write_idx(tmp_path / "t10k-images-idx3-ubyte.gz", rng.integers(0, 256, (7, 28, 28)))
+    write_idx(tmp_path / "t10k-labels-idx1-ubyte.gz", np.arange(7))
     data = load_fashion_mnist(str(tmp_path))
     assert data.train_x.shape == (20, 1, 28, 28) and data.test_x.shape == (7, 1, 28, 28)
     assert data.test_y.tolist() == list(range(7))

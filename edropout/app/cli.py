@@ -1,5 +1,6 @@
 """The ``edropout`` command: ``edropout prune`` trains a model with EDropout on a data set and writes a report,
-the pruned model and plots to ``--out``. A run killed midway resumes with ``--resume``.
+the pruned model and plots to ``--out``. A run killed midway resumes with ``--resume``. Under
+``torchrun --nproc_per_node=N -m edropout prune ...`` it runs data- or population-parallel (``--parallel``).
 """
 from __future__ import annotations
 
@@ -10,10 +11,13 @@ import sys
 import time
 
 import torch
+from torch.nn.parallel import DistributedDataParallel
 
 from .checkpoint import load_pruned_model, save_pruned_model
 from .data import DATASETS, load_dataset
+from ..distributed import MODES
 from ..energy import ENERGIES
+from .launch import join, leave
 from .models import MODELS, build_model
 from ..pruner import EDropout
 from .report import plot_history, write_json
@@ -52,47 +56,60 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", default="runs/edropout", help="output directory")
     p.add_argument("--resume", action="store_true", help="continue from OUT/checkpoint.pt if present")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.add_argument("--parallel", default="data", choices=MODES,
+                   help="under torchrun: split each batch over the ranks (data) or the population (population)")
     return parser
-
-
-def _device(name):
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(name)
 
 
 def _params(model):
     return sum(p.numel() for p in model.parameters() if p.requires_grad)
 
 
-def prune(args) -> dict:
-    """Run the main job and return the report it wrote."""
+def prune(args) -> dict | None:
+    """Run the main job and return the report it wrote (None on ranks other than 0, which write nothing)."""
     if args.threads:
         torch.set_num_threads(args.threads)
-    device = _device(args.device)
+    launch = join(args.device, args.parallel)
+    try:
+        report = _prune(args, launch)
+    except BaseException:
+        leave(launch, finished=False)
+        raise
+    leave(launch)
+    return report
+
+
+def _prune(args, launch) -> dict | None:
+    device = launch.device
     data = load_dataset(args.data, args.data_dir, args.limit)
     torch.manual_seed(args.seed)
     kwargs = {"in_channels": data.in_channels, "input_size": data.input_size,
               "num_classes": data.num_classes, "width": args.width}
     model = build_model(args.model, **kwargs).to(device)
-    per_epoch = len(data.train_y) // args.batch_size
+    per_epoch = launch.batches_per_epoch(len(data.train_y), args.batch_size)
     if per_epoch == 0:
-        raise ValueError(f"batch size {args.batch_size} exceeds the {len(data.train_y)} training images")
+        raise ValueError(f"batch size {args.batch_size} exceeds the {len(data.train_y)} training images"
+                         + (f" shared by {launch.world_size} ranks" if launch.distributed else ""))
     total = per_epoch * args.epochs
     min_iterations = args.min_iterations if args.min_iterations is not None else total // 2
-    pruner = EDropout(model, data.train_x[:2].to(device), population_size=args.population_size,
+    trained = model
+    if launch.distributed:  # DDP averages the ranks' gradients; rank 0's weights are broadcast first
+        trained = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
+    pruner = EDropout(trained, data.train_x[:2].to(device), population_size=args.population_size,
                       init_keep=args.init_keep, mutation_factor=args.mutation_factor,
                       crossover_rate=args.crossover_rate, energy=args.energy, backend=args.backend, seed=args.seed,
                       min_iterations=min_iterations, patience=args.patience, rescore_parents=args.rescore_parents,
-                      score_in_eval_mode=args.eval_mode_scoring)
+                      score_in_eval_mode=args.eval_mode_scoring,
+                      parallel=args.parallel if launch.distributed else None)
     optimizer = make_optimizer(args.optimizer, model.parameters(), args.lr, args.weight_decay)
     scheduler = torch.optim.lr_scheduler.StepLR(optimizer, step_size=args.lr_step or 10 ** 9, gamma=0.1)
-    os.makedirs(args.out, exist_ok=True)
-    run = Run(model, pruner, optimizer, scheduler, data, args.batch_size, args.seed, args.out)
-    if args.resume and run.resume():
+    if launch.writes:
+        os.makedirs(args.out, exist_ok=True)
+    run = Run(model, pruner, optimizer, scheduler, data, args.batch_size, args.seed, args.out, launch)
+    if args.resume and run.resume() and launch.writes:
         print(f"resumed from {run.checkpoint_path} at epoch {run.epoch}", file=sys.stderr)
     progress = None
-    if not args.no_progress:
+    if not args.no_progress and launch.writes:
         from tqdm import tqdm
 
         progress = tqdm(total=total, initial=run.epoch * per_epoch, desc="edropout", unit="it", file=sys.stderr)
@@ -100,6 +117,8 @@ def prune(args) -> dict:
         run.train_epoch(progress)
     if progress is not None:
         progress.close()
+    if not launch.writes:
+        return None
     if not pruner.converged:
         pruner.finalize()
     pruner.sync()
@@ -117,6 +136,7 @@ def _report(args, kwargs, data, model, pruner, run, device) -> dict:
     rate = pruner.pruning_rate
     report = {
         "model": args.model, "data": args.data, "device": str(device), "backend": str(pruner.backend),
+        "world_size": run.world_size, "parallel": run.parallel,
         "epochs": args.epochs, "batch_size": args.batch_size, "population_size": args.population_size,
         "energy": args.energy, "seed": args.seed, "iterations": pruner.iteration,
         "converged_at_iteration": run.converged_at,
@@ -138,7 +158,13 @@ def _report(args, kwargs, data, model, pruner, run, device) -> dict:
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
     start = time.perf_counter()
-    report = prune(args)
+    try:
+        report = prune(args)
+    except (ValueError, FileNotFoundError) as exc:  # a user error: one line, no traceback
+        print(f"edropout: error: {exc}", file=sys.stderr)
+        return 2
+    if report is None:
+        return 0
     print(f"{report['model']} on {report['data']}: Top-1 (F) {report['top1_F']:.2f}%  (P) {report['top1_P']:.2f}%  "
           f"Top-5 (P) {report['top5_P']:.2f}%  removed {report['percent_removed']:.2f}% of parameters "
           f"(R = {report['R_percent_kept']:.2f}% kept)  in {(time.perf_counter() - start) / 60:.2f} min; "

@@ -11,6 +11,7 @@ import torch
 
 from .checkpoint import atomic_save
 from .data import batches
+from .launch import Launch
 from ..modes import all_modules_in
 from ..pruner import EDropout
 
@@ -59,11 +60,13 @@ def make_optimizer(name: str, params, lr=None, weight_decay=1e-5):
 
 
 class Run:
-    """The state of one EDropout training run; checkpointed atomically after every epoch."""
+    """The state of one EDropout training run; checkpointed atomically after every epoch (by rank 0 alone when
+    ``launch`` is a torchrun job, whose ranks all hold the same state)."""
 
-    def __init__(self, model, pruner, optimizer, scheduler, data, batch_size, seed, out_dir):
+    def __init__(self, model, pruner, optimizer, scheduler, data, batch_size, seed, out_dir, launch: Launch = None):
         self.model, self.pruner, self.optimizer, self.scheduler = model, pruner, optimizer, scheduler
-        self.data, self.batch_size, self.out_dir = data, batch_size, out_dir
+        self.data, self.batch_size, self.out_dir, self.seed = data, batch_size, out_dir, seed
+        self.launch = launch if launch is not None and launch.distributed else None
         self.generator = torch.Generator().manual_seed(seed)
         self.epoch = 0
         self.history = []
@@ -74,19 +77,37 @@ class Run:
     def checkpoint_path(self):
         return os.path.join(self.out_dir, "checkpoint.pt")
 
+    @property
+    def world_size(self) -> int:
+        return 1 if self.launch is None else self.launch.world_size
+
+    @property
+    def parallel(self):
+        return None if self.launch is None else self.launch.parallel
+
     def save(self):
+        if self.launch is not None and not self.launch.writes:
+            return
         pruner_state = self.pruner.state_dict()  # first: it writes compact-training weights back into the model
         atomic_save({"model": self.model.state_dict(), "optimizer": self.optimizer.state_dict(),
                      "scheduler": self.scheduler.state_dict(), "pruner": pruner_state,
                      "generator": self.generator.get_state(), "epoch": self.epoch, "history": self.history,
-                     "epoch_seconds": self.epoch_seconds, "converged_at": self.converged_at},
+                     "epoch_seconds": self.epoch_seconds, "converged_at": self.converged_at,
+                     "world_size": self.world_size, "parallel": self.parallel},
                     self.checkpoint_path)
 
     def resume(self) -> bool:
-        """Continue from ``checkpoint.pt`` in the output directory if there is one."""
+        """Continue from ``checkpoint.pt`` in the output directory if there is one; it must come from a run with
+        as many processes and the same parallel mode (their batches and per-rank statistics differ otherwise)."""
         if not os.path.exists(self.checkpoint_path):
             return False
         saved = torch.load(self.checkpoint_path, map_location="cpu", weights_only=False)
+        world_size, parallel = saved.get("world_size", 1), saved.get("parallel")
+        if (world_size, parallel) != (self.world_size, self.parallel):
+            raise ValueError(f"{self.checkpoint_path} was written by {_processes(world_size, parallel)}, but this "
+                             f"run has {_processes(self.world_size, self.parallel)}; resume it the way it started"
+                             + (f" (torchrun --nproc_per_node={world_size} -m edropout prune ... --parallel "
+                                f"{parallel} --resume)" if world_size > 1 else " (one process, without torchrun)"))
         self.model.load_state_dict(saved["model"])
         self.optimizer.load_state_dict(saved["optimizer"])
         self.scheduler.load_state_dict(saved["scheduler"])
@@ -96,11 +117,17 @@ class Run:
         self.epoch_seconds, self.converged_at = saved["epoch_seconds"], saved["converged_at"]
         return True
 
+    def _batches(self):
+        """This epoch's batches: a running shuffle for one process, a ``DistributedSampler`` per epoch under torchrun."""
+        if self.launch is None:
+            return batches(self.data.train_x, self.data.train_y, self.batch_size, self.generator)
+        return self.launch.batches(self.data.train_x, self.data.train_y, self.batch_size, self.epoch, self.seed)
+
     def train_epoch(self, progress=None):
         """One pass over the training set; each iteration is one ``pruner.step``."""
         device = next(self.model.parameters()).device
         start = time.perf_counter()
-        for xb, yb in batches(self.data.train_x, self.data.train_y, self.batch_size, self.generator):
+        for xb, yb in self._batches():
             info = self.pruner.step(xb.to(device), yb.to(device), self.optimizer)
             self.history.append({"iteration": info.iteration, "loss": info.loss, "best_energy": info.best_energy,
                                  "mean_energy": info.mean_energy, "pruning_rate": info.pruning_rate})
@@ -114,6 +141,10 @@ class Run:
         self.epoch += 1
         self.epoch_seconds.append(time.perf_counter() - start)
         self.save()
+
+
+def _processes(world_size, parallel) -> str:
+    return "one process" if world_size == 1 else f"{world_size} processes (--parallel {parallel})"
 
 
 def train_edropout(model, example_inputs, data, config: dict, seed: int):
