@@ -141,6 +141,17 @@ def hooked_case(rank, world):
     return {"best_state": pruner.best_state.clone(), "loss": info.loss}
 
 
+def other_batches_case(rank, world):
+    """Population mode with a different batch on each rank must stop every rank with a clear error."""
+    x, y = batch(8, seed=20 + rank)
+    pruner = EDropout(model(), x[:2], population_size=4, backend="reference", parallel="population")
+    try:
+        pruner.energies(x, y)
+    except ValueError as exc:
+        return str(exc)
+    return None
+
+
 def settings_case(rank, world):
     """Ranks built with different population sizes must both get a clear error at construction."""
     x, _ = batch(4)
@@ -189,7 +200,7 @@ def start_and_kill(directory):
     workers = _children(job.pid)
     for pid in workers:  # freeze them first, then read where they are
         os.kill(pid, signal.SIGSTOP)
-    epoch = torch.load(checkpoint, weights_only=False)["epoch"]
+    epoch = torch.load(checkpoint, weights_only=True)["epoch"]
     for pid in workers:
         os.kill(pid, signal.SIGKILL)
     output = job.communicate(timeout=120)[0].decode()
@@ -231,6 +242,7 @@ def run_all(rank, world, directory):
     out["settings"] = settings_case(rank, world)
     out["bare_model"] = bare_model_case(rank, world)
     out["hooked"] = hooked_case(rank, world)
+    out["other_batches"] = other_batches_case(rank, world)
     out["cli"] = cli_case(rank, world, directory)
     return out
 

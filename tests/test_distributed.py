@@ -36,7 +36,7 @@ def killed(directory):
 def ranks(directory, killed):
     """What each of the 2 ranks saw, one dict per rank."""
     mp.spawn(cases.worker, args=(WORLD, str(directory / "store"), str(directory)), nprocs=WORLD)
-    return [torch.load(directory / f"rank{r}.pt", weights_only=False) for r in range(WORLD)]
+    return [torch.load(directory / f"rank{r}.pt", weights_only=True) for r in range(WORLD)]
 
 
 @pytest.fixture(scope="module")
@@ -152,6 +152,11 @@ def test_drifting_ranks_stop_with_a_clear_error_on_every_rank(ranks):
     for r in range(WORLD):
         assert ranks[r]["diverged"] is not None and "ranks diverged" in ranks[r]["diverged"]
         assert "same seed" in ranks[r]["diverged"]
+
+
+def test_population_mode_refuses_different_batches_on_every_rank(ranks):
+    for r in range(WORLD):
+        assert "hold different batches" in ranks[r]["other_batches"]
 
 
 def test_ranks_with_different_settings_are_refused_at_construction(ranks):

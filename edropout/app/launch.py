@@ -34,13 +34,13 @@ class Launch:
 
     def local_batch_size(self, batch_size: int) -> int:
         """Rows per step on this rank: ``batch_size`` is the global batch, split over the ranks in data mode and
-        held whole by every rank in population mode."""
-        if self.parallel != "data":
+        held whole by every rank in population mode (which trains each rank on 1/W of it)."""
+        if not self.distributed:
             return batch_size
         if batch_size % self.world_size:
             raise ValueError(f"--batch-size {batch_size} is the global batch and must divide evenly over the "
                              f"{self.world_size} ranks; use a multiple of {self.world_size}")
-        return batch_size // self.world_size
+        return batch_size // self.world_size if self.parallel == "data" else batch_size
 
     def batches(self, x: torch.Tensor, y: torch.Tensor, batch_size: int, epoch: int, seed: int):
         """This rank's mini-batches of one epoch, from a ``DistributedSampler`` shuffled by (seed, epoch): in data

@@ -85,10 +85,17 @@ def snake_layout(count: int, world: int) -> torch.Tensor:
     return table
 
 
+def labels_fingerprint(y: torch.Tensor) -> torch.Tensor:
+    """Σ_i y_i·(i + 1) mod 2^20 (exact in float64): differs between batches of other labels or order."""
+    positions = torch.arange(1, y.shape[0] + 1, device=y.device)
+    return (y.long() * positions).sum().remainder(2 ** 20).double()
+
+
 class PopulationParallelScorer:
     """Population-parallel: every rank scores its share of the states on the whole batch (at most ceil(N/W)
     states, dealt by estimated cost so that the ranks finish together), and the energies are all-gathered (one
-    all-gather of ceil(N/W) + 1 float64 per rank)."""
+    all-gather of ceil(N/W) + 2 float64 per rank: the energies, the best-state hash and a fingerprint of the
+    batch's labels, since every rank must hold the same batch)."""
 
     def __init__(self, local_score, group, check: StateCheck, cost=None):
         self.local_score, self.group, self.check = local_score, group, check
@@ -106,14 +113,19 @@ class PopulationParallelScorer:
         costly_first = (torch.arange(n, device=states.device) if self.cost is None else
                         torch.argsort(self.cost(states), descending=True, stable=True))
         mine = layout[rank][layout[rank] >= 0]
-        chunk = torch.full((per + 1,), float("inf"), dtype=torch.float64, device=states.device)
+        chunk = torch.full((per + 2,), float("inf"), dtype=torch.float64, device=states.device)
         if len(mine):
             chunk[:len(mine)] = self.local_score(states[costly_first[mine.to(states.device)]], x, y).double()
         chunk[per] = self.check.value.to(chunk.device)[0]
+        chunk[per + 1] = labels_fingerprint(y)
         everyone = [torch.empty_like(chunk) for _ in range(world)]
         dist.all_gather(everyone, chunk, group=self.group)
         table = torch.stack(everyone)
         self.check.verify(table[:, per])
+        if not bool((table[:, per + 1] == table[0, per + 1]).all()):
+            raise ValueError("parallel='population' scores every member on the whole batch, but the ranks hold "
+                             "different batches; give every rank the same batches (no DistributedSampler; the "
+                             "same shuffling seed)")
         dealt = layout.flatten()
         filled = (dealt >= 0).to(states.device)
         energies = torch.empty(n, dtype=torch.float64, device=states.device)
