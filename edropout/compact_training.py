@@ -34,12 +34,15 @@ def _scatter(target: torch.Tensor, kept: dict, values: torch.Tensor) -> None:
 
 class CompactTrainer:
     """Trains the exported network of ``view``'s state in place of the masked dense one, with the optimizer state
-    carried over."""
+    carried over. ``wrap`` (e.g. a ``DistributedDataParallel`` constructor) wraps the exported network for its
+    forwards."""
 
-    def __init__(self, model: nn.Module, units: PrunableUnits, view: StateView, optimizer, example_inputs):
+    def __init__(self, model: nn.Module, units: PrunableUnits, view: StateView, optimizer, example_inputs,
+                 wrap=None):
         self.model, self.user_optimizer = model, optimizer
         self.small = export_pruned(model, units, view.state, example_inputs)
         self.small.train(model.training)
+        self.forward = self.small if wrap is None else wrap(self.small)
         self.kept = view.kept_positions
         big_params = dict(model.named_parameters())
         small_params = dict(self.small.named_parameters())
@@ -66,7 +69,7 @@ class CompactTrainer:
         for mine, theirs in zip(self.optimizer.param_groups, self.user_optimizer.param_groups):
             mine.update({k: v for k, v in theirs.items() if k != "params"})
         self.small.train(self.model.training)
-        return F.cross_entropy(self.small(x), y)
+        return F.cross_entropy(self.forward(x), y)
 
     def update(self, loss: torch.Tensor) -> None:
         """Backward from ``loss`` and one plain optimizer step of the small network."""

@@ -19,6 +19,7 @@ from .backends import Backend, make_backend
 from .checks import (LogitsOf, NonFiniteError, batch_problem, check_batch, check_logits, check_on_nonfinite,
                      check_optimizer, model_device)
 from .compact_training import CompactTrainer
+from .distributed import StateCheck, forward_inside, resolve_parallelism, unwrap, wrapper_like
 from .energy import resolve_energy
 from .export import export_pruned
 from .masked_update import frozen_statistics, pruned_values, zero_pruned
@@ -52,6 +53,9 @@ class EDropout:
     NaN or infinite inputs, a non-finite training loss, or a batch on which every energy is non-finite raises
     ``NonFiniteError`` before any weight changes ("raise"), or is skipped with a warning and counted in
     ``skipped_batches`` ("skip").
+    ``model`` may be wrapped in ``DistributedDataParallel``; with ``torch.distributed`` initialised (or a
+    ``process_group``) the pruner runs ``parallel="data"`` (default) or ``"population"`` across the ranks
+    (``edropout.distributed``), and every rank must call ``step``/``energies`` together.
     """
 
     def __init__(self, model: nn.Module, example_inputs: torch.Tensor, *, population_size: int = 8,
@@ -59,11 +63,13 @@ class EDropout:
                  energy="margin", backend="auto", seed: int = 0, min_iterations: int = 100,
                  patience: int = 10, rescore_parents: bool = False, score_in_eval_mode: bool = False,
                  ignored_layers=None, max_members_per_pass=None, compact_after_convergence: bool = True,
-                 output_to_logits=None, on_nonfinite: str = "raise"):
+                 output_to_logits=None, on_nonfinite: str = "raise", process_group=None, parallel=None):
         if not isinstance(model, nn.Module):
             raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
         if not torch.is_tensor(example_inputs):
             raise TypeError("example_inputs must be a Tensor batch of the model's input (e.g. x[:2])")
+        model, self.ddp = unwrap(model)  # the module to prune, and its DDP wrapper for training forwards
+        self.parallelism = resolve_parallelism(self.ddp, process_group, parallel)
         self.device = model_device(model)
         if output_to_logits is not None and not callable(output_to_logits):
             raise TypeError("output_to_logits must be a function from the model's output to the logits Tensor")
@@ -104,6 +110,17 @@ class EDropout:
         self.converged = False
         self.pruned_values = {}
         self._best_view = None
+        self._scorer = None
+        if self.parallelism is not None:
+            self.parallelism.check_same_settings(
+                {"population_size": self.population_size, "num_units": self.num_units, "seed": self.seed,
+                 "init_keep": self.init_keep, "mutation_factor": self.mutation_factor,
+                 "crossover_rate": self.crossover_rate, "min_iterations": min_iterations, "patience": patience,
+                 "rescore_parents": self.rescore_parents, "score_in_eval_mode": score_in_eval_mode,
+                 "parallel": self.parallelism.mode}, self.device)
+            self._state_check = StateCheck(self.num_units, self.device)
+            # a member's scoring work grows with what it keeps (kept-channel paths): deal members by kept parameters
+            self._scorer = self.parallelism.scorer(self._score_locally, self._state_check, self.units.kept_parameters)
 
     @property
     def backend(self) -> Backend:
@@ -159,11 +176,18 @@ class EDropout:
 
     def score_states(self, states: torch.Tensor, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         """Energies [N] of arbitrary states [N, D] on a batch; the model is left untouched. A state whose energy
-        is non-finite gets +inf."""
+        is non-finite gets +inf. Distributed, a collective: the energies of the global batch (data mode; ``x`` is
+        this rank's shard) or of the batch that every rank holds (population mode)."""
         return self._score(states, x, self._finite_batch(x, y))
 
     def _score(self, states, x, y):
         states = states.reshape(-1, self.num_units).to(self.device).bool()
+        if self._scorer is not None:
+            self.parallelism.check_batch(x)
+            return self._scorer.score(states, x, y)
+        return self._score_locally(states, x, y)
+
+    def _score_locally(self, states, x, y):
         return self.backend.score(states, x, y)
 
     def energies(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
@@ -205,6 +229,8 @@ class EDropout:
         self.population, self.stored_energies = population, energies
         if changed:
             self.best_state = best.clone()
+            if self.parallelism is not None:
+                self._state_check.update(self.best_state, self.iteration + 1)
         if self.convergence.update(self.iteration + 1, changed):
             self.finalize()
         return None
@@ -230,10 +256,18 @@ class EDropout:
         if optimizer is not self._checked_optimizer:
             check_optimizer(optimizer, self.model)
             self._checked_optimizer = optimizer
+        if self.parallelism is not None:
+            self.parallelism.check_batch(x, training=True)
+            if self.ddp is None:
+                raise ValueError(f"distributed EDropout ({self.parallelism.world_size} ranks) trains through "
+                                 f"DistributedDataParallel, which averages the ranks' gradients: build the pruner "
+                                 f"on DistributedDataParallel(model) instead of the bare model")
         if not self.converged:
             problem = self._evolve(x, y)
             if problem:
                 return self._nonfinite(problem)
+        if self.parallelism is not None:
+            x, y = self.parallelism.training_rows(x, y)
         compact = self.converged and self.compact_after_convergence and self.units.traced
         trainer = self._compact_trainer(optimizer) if compact else None
         trained = trainer.small if compact else self.model
@@ -246,7 +280,7 @@ class EDropout:
         else:
             # restored after backward: autograd saves the running statistics it was given and checks their versions
             with frozen_statistics(self.best_view.statistics_keeps):
-                loss = F.cross_entropy(self.backend.training_logits(self.best_state, x), y)
+                loss = F.cross_entropy(self._training_logits(x), y)
                 finite = bool(torch.isfinite(loss.detach()))
                 if finite:
                     optimizer.zero_grad(set_to_none=True)
@@ -258,6 +292,13 @@ class EDropout:
         energies = self.stored_energies if self.stored_energies is not None else torch.full((1,), float("nan"))
         return StepInfo(self.iteration, float(loss.detach()), float(energies.min()), float(energies.mean()),
                         self.pruning_rate, self.converged)
+
+    def _training_logits(self, x):
+        """The backend's training forward with the best state applied; under DDP inside DDP's forward, so that
+        its gradient all-reduce follows (the kept-channel forward calls the modules functionally)."""
+        if self.ddp is None:
+            return self.backend.training_logits(self.best_state, x)
+        return forward_inside(self.ddp, lambda inputs: self.backend.training_logits(self.best_state, inputs), x)
 
     def _nonfinite_loss(self, loss, saved, trained) -> StepInfo:
         """The training loss is non-finite: no backward, no optimizer step. In skip mode the forward's buffers
@@ -282,7 +323,9 @@ class EDropout:
             self.sync()
             self._compact = None
         if self._compact is None:
-            self._compact = CompactTrainer(self.model, self.units, self.best_view, optimizer, self.example_inputs)
+            wrap = None if self.ddp is None else wrapper_like(self.ddp)  # the exported network trains under DDP too
+            self._compact = CompactTrainer(self.model, self.units, self.best_view, optimizer, self.example_inputs,
+                                           wrap)
         return self._compact
 
     def sync(self) -> None:

@@ -1,6 +1,8 @@
 """The ``edropout`` command: ``edropout prune`` trains a model with EDropout on a data set and writes a report,
 the pruned model and plots to ``--out``. A run that stops (killed, interrupted, out of power) continues with
-``--resume`` from its last checkpoint, bit for bit. User errors print one line and exit with status 2.
+``--resume`` from its last checkpoint, bit for bit. User errors print one line and exit with status 2. Under
+``torchrun --nproc_per_node=N -m edropout prune ...`` it runs data- or population-parallel (``--parallel``); rank 0
+alone writes files and shows progress.
 """
 from __future__ import annotations
 
@@ -16,14 +18,17 @@ import threading
 import time
 
 import torch
+from torch.nn.parallel import DistributedDataParallel
 
 from ..backends import BACKENDS
 from ..checks import NonFiniteError
+from ..distributed import MODES
 from ..energy import ENERGIES
 from ..pruner import EDropout
 from .checkpoint import load_checkpoint, load_pruned_model, save_pruned_model
 from .data import DATASETS, FASHION_MNIST_DIR, load_dataset
 from .errors import CheckpointError, UserError
+from .launch import join, leave
 from .models import MODELS, build_model
 from .report import plot_history, write_json
 from .training import Interrupted, Run, evaluate, make_optimizer
@@ -126,6 +131,8 @@ def build_parser() -> argparse.ArgumentParser:
                           help="continue the run in --out from its checkpoint (same settings; --epochs may grow)")
     run_mode.add_argument("--overwrite", action="store_true", help="replace the run already in --out")
     p.add_argument("--no-progress", action="store_true", help="hide the progress bar")
+    p.add_argument("--parallel", default="data", choices=MODES,
+                   help="under torchrun: split each batch over the ranks (data) or the population (population)")
     return parser
 
 
@@ -152,9 +159,10 @@ def _config(args) -> dict:
     return config
 
 
-def _prepare_out(args):
+def _prepare_out(args, writes: bool = True):
     """Refuse to replace a run unless asked; with --overwrite remove the old run's files; remove temporary files
-    a killed run left; with --resume load and check the checkpoint. Returns the checkpoint or None."""
+    a killed run left (the writing process only: rank 0 under torchrun); with --resume load and check the
+    checkpoint. Returns the checkpoint or None."""
     holds = [name for name in RUN_FILES if os.path.exists(os.path.join(args.out, name))]
     if holds and not (args.resume or args.overwrite):
         raise UserError(f"{args.out} already holds a run ({', '.join(holds)}); pass --resume to continue it or "
@@ -162,12 +170,13 @@ def _prepare_out(args):
     checkpoint = os.path.join(args.out, "checkpoint.pt")
     if args.resume and not os.path.exists(checkpoint):
         raise UserError(f"--resume: there is no checkpoint at {checkpoint}; run without --resume to start")
-    os.makedirs(args.out, exist_ok=True)
-    for stale in glob.glob(os.path.join(args.out, ".tmp-*.pt")) + glob.glob(os.path.join(args.out, "*.tmp")):
-        os.remove(stale)
-    if args.overwrite:
-        for name in holds:
-            os.remove(os.path.join(args.out, name))
+    if writes:
+        os.makedirs(args.out, exist_ok=True)
+        for stale in glob.glob(os.path.join(args.out, ".tmp-*.pt")) + glob.glob(os.path.join(args.out, "*.tmp")):
+            os.remove(stale)
+        if args.overwrite:
+            for name in holds:
+                os.remove(os.path.join(args.out, name))
     if not args.resume:
         return None
     saved = load_checkpoint(checkpoint)
@@ -217,21 +226,33 @@ def _params(model):
     return sum(p.numel() for p in model.parameters() if p.requires_grad)
 
 
-def prune(args, run_state=None) -> dict:
-    """Run the main job and return the report it wrote."""
-    run_state = {} if run_state is None else run_state
+def prune(args, run_state=None) -> dict | None:
+    """Run the main job and return the report it wrote (None on ranks other than 0, which write nothing)."""
     device = _device(args)
-    saved = _prepare_out(args)
     if args.threads:
         torch.set_num_threads(args.threads)
+    launch = join(device.type, args.parallel)
+    try:
+        report = _prune(args, launch, {} if run_state is None else run_state)
+    except BaseException:
+        leave(launch, finished=False)
+        raise
+    leave(launch)
+    return report
+
+
+def _prune(args, launch, run_state) -> dict | None:
+    device = launch.device
+    saved = _prepare_out(args, launch.writes)
     try:
         data = load_dataset(args.data, args.data_dir, args.limit)
     except FileNotFoundError as error:
         raise UserError(str(error)) from None
-    per_epoch = len(data.train_y) // args.batch_size
+    per_epoch = launch.batches_per_epoch(len(data.train_y), args.batch_size)
     if per_epoch == 0:
-        raise UserError(f"--batch-size {args.batch_size} exceeds the {len(data.train_y)} training images; use a "
-                        f"smaller --batch-size or a larger --limit")
+        shared = f" shared by {launch.world_size} ranks" if launch.distributed else ""
+        raise UserError(f"--batch-size {args.batch_size} exceeds the {len(data.train_y)} training images{shared}; "
+                        f"use a smaller --batch-size or a larger --limit")
     config = _config(args)
     # the convergence rule a run started with stays when --epochs extends it
     min_iterations = saved["config"]["min_iterations_resolved"] if saved else (
@@ -241,23 +262,28 @@ def prune(args, run_state=None) -> dict:
     kwargs = {"in_channels": data.in_channels, "input_size": data.input_size,
               "num_classes": data.num_classes, "width": args.width}
     model = build_model(args.model, **kwargs).to(device)
-    pruner = EDropout(model, data.train_x[:2].to(device), population_size=args.population_size,
+    trained = model
+    if launch.distributed:  # DDP averages the ranks' gradients; rank 0's weights are broadcast first
+        trained = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
+    pruner = EDropout(trained, data.train_x[:2].to(device), population_size=args.population_size,
                       init_keep=args.init_keep, mutation_factor=args.mutation_factor,
                       crossover_rate=args.crossover_rate, energy=args.energy, backend=args.backend, seed=args.seed,
                       min_iterations=min_iterations, patience=args.patience, rescore_parents=args.rescore_parents,
-                      score_in_eval_mode=args.eval_mode_scoring)
+                      score_in_eval_mode=args.eval_mode_scoring,
+                      parallel=args.parallel if launch.distributed else None)
     optimizer = make_optimizer(args.optimizer, model.parameters(), args.lr, args.weight_decay)
     scheduler = torch.optim.lr_scheduler.StepLR(optimizer, step_size=args.lr_step or 10 ** 9, gamma=0.1)
     run = Run(model, pruner, optimizer, scheduler, data, args.batch_size, args.seed, args.out, config,
-              args.checkpoint_every)
+              args.checkpoint_every, launch)
     if saved:
         run.restore(saved)
         run.resumes.append({"iteration": pruner.iteration, "epochs": args.epochs})
-        print(f"resumed from {run.checkpoint_path} at epoch {run.epoch + 1}, iteration {pruner.iteration}",
-              file=sys.stderr)
+        if launch.writes:
+            print(f"resumed from {run.checkpoint_path} at epoch {run.epoch + 1}, iteration {pruner.iteration}",
+                  file=sys.stderr)
     run_state["run"] = run
     progress = None
-    if not args.no_progress:
+    if not args.no_progress and launch.writes:
         from tqdm import tqdm
 
         progress = tqdm(total=per_epoch * args.epochs, initial=pruner.iteration, desc="edropout", unit="it",
@@ -270,6 +296,8 @@ def prune(args, run_state=None) -> dict:
     finally:
         if progress is not None:
             progress.close()
+    if not launch.writes:
+        return None
     if not pruner.converged:
         pruner.finalize()
     pruner.sync()
@@ -287,6 +315,7 @@ def _report(args, kwargs, data, model, pruner, run, device) -> dict:
     rate = pruner.pruning_rate
     report = {
         "model": args.model, "data": args.data, "device": str(device), "backend": str(pruner.backend),
+        "world_size": run.world_size, "parallel": run.parallel,
         "epochs": run.epoch, "batch_size": args.batch_size, "population_size": args.population_size,
         "energy": args.energy, "seed": args.seed, "iterations": pruner.iteration,
         "min_iterations": pruner.convergence.min_iterations, "resumed": run.resumes,
@@ -331,6 +360,8 @@ def main(argv=None) -> int:
                  f"; the last checkpoint is {run.checkpoint_path}")
         print(f"edropout: interrupted by {signal.Signals(stop.signum).name}{where}", file=sys.stderr)
         return 128 + stop.signum
+    if report is None:  # a rank other than 0: rank 0 printed the summary
+        return 0
     print(f"{report['model']} on {report['data']}: Top-1 (F) {report['top1_F']:.2f}%  (P) {report['top1_P']:.2f}%  "
           f"Top-5 (P) {report['top5_P']:.2f}%  removed {report['percent_removed']:.2f}% of parameters "
           f"(R = {report['R_percent_kept']:.2f}% kept)  in {(time.perf_counter() - start) / 60:.2f} min; "

@@ -14,6 +14,8 @@ import torch
 
 from .checkpoint import atomic_save, load_checkpoint
 from .data import batches
+from .errors import CheckpointError
+from .launch import Launch
 from ..modes import all_modules_in
 from ..pruner import EDropout
 
@@ -96,12 +98,15 @@ class Run:
     ``checkpoint_every`` minutes inside an epoch (None: never inside one), and when a stop is requested.
 
     A checkpoint holds the model, optimizer, scheduler, pruner, the epoch's data order and position, the global
-    random states and ``config`` (the run's settings), so a resumed run continues bit for bit."""
+    random states and ``config`` (the run's settings), so a resumed run continues bit for bit. Under torchrun
+    (``launch``) every rank holds the same state and rank 0 alone writes it; each rank trains on its own share of
+    every epoch's order (a ``DistributedSampler`` keyed by seed and epoch)."""
 
     def __init__(self, model, pruner, optimizer, scheduler, data, batch_size, seed, out_dir, config=None,
-                 checkpoint_every=None):
+                 checkpoint_every=None, launch: Launch = None):
         self.model, self.pruner, self.optimizer, self.scheduler = model, pruner, optimizer, scheduler
-        self.data, self.batch_size, self.out_dir = data, batch_size, out_dir
+        self.data, self.batch_size, self.out_dir, self.seed = data, batch_size, out_dir, seed
+        self.launch = launch if launch is not None and launch.distributed else None
         self.config = dict(config or {})
         self.checkpoint_every = checkpoint_every
         self.generator = torch.Generator().manual_seed(seed)
@@ -120,7 +125,17 @@ class Run:
     def checkpoint_path(self):
         return os.path.join(self.out_dir, "checkpoint.pt")
 
+    @property
+    def world_size(self) -> int:
+        return 1 if self.launch is None else self.launch.world_size
+
+    @property
+    def parallel(self):
+        return None if self.launch is None else self.launch.parallel
+
     def save(self):
+        if self.launch is not None and not self.launch.writes:
+            return
         pruner_state = self.pruner.state_dict()  # first: it writes compact-training weights back into the model
         atomic_save({"config": self.config, "model": self.model.state_dict(),
                      "optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict(),
@@ -128,12 +143,20 @@ class Run:
                      "epoch": self.epoch, "order": self.order, "position": self.position,
                      "epoch_elapsed": self.epoch_elapsed, "history": self.history,
                      "epoch_seconds": self.epoch_seconds, "converged_at": self.converged_at,
-                     "resumes": self.resumes},
+                     "resumes": self.resumes, "world_size": self.world_size, "parallel": self.parallel},
                     self.checkpoint_path)
         self._last_save = time.monotonic()
 
     def restore(self, saved: dict) -> None:
-        """Continue from a loaded checkpoint (``checkpoint.load_checkpoint``)."""
+        """Continue from a loaded checkpoint (``checkpoint.load_checkpoint``); it must come from a run with as many
+        processes and the same parallel mode (their batches and per-rank statistics differ otherwise)."""
+        world_size, parallel = saved.get("world_size", 1), saved.get("parallel")
+        if (world_size, parallel) != (self.world_size, self.parallel):
+            raise CheckpointError(
+                f"{self.checkpoint_path} was written by {_processes(world_size, parallel)}, but this run has "
+                f"{_processes(self.world_size, self.parallel)}; resume it the way it started"
+                + (f" (torchrun --nproc_per_node={world_size} -m edropout prune ... --parallel {parallel} --resume)"
+                   if world_size > 1 else " (one process, without torchrun)"))
         self.model.load_state_dict(saved["model"])
         self.optimizer.load_state_dict(saved["optimizer"])
         self.scheduler.load_state_dict(saved["scheduler"])
@@ -147,18 +170,33 @@ class Run:
 
     @property
     def iterations_per_epoch(self) -> int:
-        return len(self.data.train_y) // self.batch_size
+        if self.launch is None:
+            return len(self.data.train_y) // self.batch_size
+        return self.launch.batches_per_epoch(len(self.data.train_y), self.batch_size)
+
+    @property
+    def local_batch_size(self) -> int:
+        """Rows per step on this process (the whole batch for one process)."""
+        return self.batch_size if self.launch is None else self.launch.local_batch_size(self.batch_size)
+
+    def _epoch_order(self) -> torch.Tensor:
+        """This epoch's order of training rows: a running shuffle for one process, this rank's share of a
+        ``DistributedSampler`` order under torchrun."""
+        if self.launch is None:
+            return torch.randperm(len(self.data.train_y), generator=self.generator)
+        return self.launch.epoch_order(len(self.data.train_y), self.epoch, self.seed)
 
     def train_epoch(self, progress=None):
         """The rest of the current epoch (all of it at an epoch's start); each iteration is one ``pruner.step``.
         Raises ``Interrupted`` after saving when ``stop_signal`` was set."""
         device = next(self.model.parameters()).device
         if self.order is None:
-            self.order = torch.randperm(len(self.data.train_y), generator=self.generator)
+            self.order = self._epoch_order()
             self.position, self.epoch_elapsed = 0, 0.0
         while self.position < self.iterations_per_epoch:
             start = time.perf_counter()
-            idx = self.order[self.position * self.batch_size:(self.position + 1) * self.batch_size]
+            size = self.local_batch_size
+            idx = self.order[self.position * size:(self.position + 1) * size]
             info = self.pruner.step(self.data.train_x[idx].to(device), self.data.train_y[idx].to(device),
                                     self.optimizer)
             self.history.append({"iteration": info.iteration, "loss": info.loss, "best_energy": info.best_energy,
@@ -182,6 +220,10 @@ class Run:
         self.order, self.position = None, 0
         self.epoch_seconds.append(self.epoch_elapsed)
         self.save()
+
+
+def _processes(world_size, parallel) -> str:
+    return "one process" if world_size == 1 else f"{world_size} processes (--parallel {parallel})"
 
 
 def train_edropout(model, example_inputs, data, config: dict, seed: int):
