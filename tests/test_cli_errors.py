@@ -58,7 +58,7 @@ def test_help_gives_every_option_a_meaning_and_its_default(capsys):
     parser = build_parser()
     prune = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction)).choices["prune"]
     options = [a for a in prune._actions if a.option_strings and a.dest != "help"]
-    assert len(options) == 29
+    assert len(options) >= 29  # every one of them, whatever is added, has a meaning below
     for action in options:
         assert action.help and len(action.help) > 10, action.dest
     with pytest.raises(SystemExit):
