@@ -328,6 +328,12 @@ class EDropout:
                                            wrap)
         return self._compact
 
+    @property
+    def training_network(self) -> nn.Module:
+        """The network ``step`` trains: after convergence with ``compact_after_convergence``, the exported smaller
+        network (``sync`` copies it back into the model); else the model itself."""
+        return self._compact.small if self._compact is not None else self.model
+
     def sync(self) -> None:
         """After convergence training runs on the compact network; copy its weights, BatchNorm statistics and
         optimizer state back into the user's model and optimizer (``export`` and ``state_dict`` do this too)."""

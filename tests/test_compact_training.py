@@ -42,7 +42,7 @@ def test_compact_training_matches_masked_training(name, opt, batch):
         assert opt_c.param_groups[0]["lr"] == opt_d.param_groups[0]["lr"]
         scheduler.step()
         scheduler_d.step()
-    assert compact._compact is not None and dense._compact is None
+    assert compact.training_network is not compact.model and dense.training_network is dense.model
     compact.sync()
     # parameters everywhere (pruned ones stay zero in both); buffers where kept (pruned channels' BatchNorm
     # statistics are never used, and the dense path keeps updating them from zero inputs)
@@ -68,6 +68,6 @@ def test_converged_step_trains_a_smaller_network(batch):
     x, y = batch
     (compact, _), (opt_c, _) = _converged_pair("resnet18", x, y, lambda p: torch.optim.SGD(p, lr=0.01))
     compact.step(x, y, opt_c)
-    small = sum(p.numel() for p in compact._compact.small.parameters())
+    small = sum(p.numel() for p in compact.training_network.parameters())
     assert small == int(compact.units.kept_parameters(compact.best_state[None])[0])
     assert small < sum(p.numel() for p in compact.model.parameters())

@@ -445,6 +445,10 @@ class TritonBackend(ReferenceBackend):
 
     name = "triton"
 
+    def plan(self, x: torch.Tensor) -> _Plan:
+        """The bound model's routing plan for batches like ``x`` (built, self-checked and cached on first use)."""
+        return _plan_for(self.model, self.units, x, self.batch_statistics, _kernels(x.device))
+
     def score(self, states, x, y):
         """Energies [S]: the population in routed forwards of up to ``max_members`` members (all at once by
         default)."""
