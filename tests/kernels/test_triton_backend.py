@@ -189,6 +189,28 @@ def test_user_hooks_see_what_pytorch_computes(eval_mode, kernel_calls):
     assert first[0] == "population_conv2d" and not first[3]
 
 
+class SharedNormNet(nn.Module):
+    """One BatchNorm called twice: on conv a's output (read by conv b too) and on conv b's output, which feeds
+    that BatchNorm alone. Folding it into b would skip it on a's output as well."""
+
+    def __init__(self):
+        super().__init__()
+        self.a, self.b, self.bn = nn.Conv2d(1, 6, 3, padding=1), nn.Conv2d(6, 6, 3, padding=1), nn.BatchNorm2d(6)
+        self.fc = nn.Linear(6, 4)
+
+    def forward(self, x):
+        h = self.a(x)
+        return self.fc(torch.relu(self.bn(h) + self.bn(self.b(h))).mean(dim=(2, 3)))
+
+
+def test_a_batchnorm_called_twice_is_not_folded(kernel_calls):
+    x, y = _data(classes=4)
+    pruner = _pruner(randomise_bn(SharedNormNet()), x, score_in_eval_mode=True)
+    ref, fast = _both(pruner, x, y)
+    assert_close(fast, ref, path="kernel", **NO_TF32)
+    assert kernel_calls and not any(folded for *_, folded in kernel_calls)
+
+
 class BatchMixingNet(nn.Module):
     """Centres features over the whole batch: rows of different members would mix in one S·B forward."""
 
