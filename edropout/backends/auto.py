@@ -31,6 +31,7 @@ import torch
 
 from . import compact
 from ._compact_plan import CompactUnsupported
+from ._model_analysis import weight_axes
 from .base import Backend
 from .batched import BatchedBackend
 from .compact import CompactBackend
@@ -46,11 +47,10 @@ def kept_mac_fraction(plan, units, states: torch.Tensor) -> float:
     """ρ: mean over members of the share of the dense Conv/Linear multiply-adds that a compact forward still does
     (kept input channels × kept output channels of every layer, weighted by the layer's multiply-adds)."""
     ext = units.extended(states.reshape(-1, units.num_units).cpu()).float()
-    axes = {pa.name: pa.axes for pa in units.param_axes}
     total = kept = 0.0
     for name, macs in plan.layer_macs.items():
         share = torch.ones(ext.shape[0])
-        for dim, index in axes.get(f"{name}.weight" if name else "weight", {}).items():
+        for dim, index in weight_axes(units, name).items():
             if dim in (0, 1):
                 share = share * ext[:, index].mean(dim=1)
         total += macs

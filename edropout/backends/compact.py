@@ -30,6 +30,7 @@ from ..energy import member_energies
 from ..modes import all_modules_in
 from ._compact_exec import run
 from ._compact_plan import CompactUnsupported, build_plan
+from ._model_analysis import has_forward_hooks
 from .batched import BatchedBackend
 
 # model -> {batch_statistics or "train": Plan or CompactUnsupported}; entries die with the model
@@ -57,10 +58,8 @@ def plan_for(model: nn.Module, units, x: torch.Tensor, batch_statistics: bool, t
 
 def _has_hooks(model, plan) -> bool:
     """User hooks on modules the interpreter bypasses (Conv/Linear/BatchNorm are run functionally)."""
-    if nn.modules.module._global_forward_hooks or nn.modules.module._global_forward_pre_hooks:
-        return True
     modules = dict(model.named_modules())
-    return any(modules[name]._forward_hooks or modules[name]._forward_pre_hooks for name in plan.modules)
+    return has_forward_hooks(modules[name] for name in plan.modules)
 
 
 class CompactBackend(BatchedBackend):

@@ -35,6 +35,7 @@ from ..energy import cross_entropy_energy, margin_energy, member_energies
 from ..masking import _mask_hook, _member_batch_norm, scoring
 from ..modes import all_modules_in
 from ..units import _NORM, PrunableUnits
+from ._model_analysis import has_forward_hooks, redundant_producer, running_scale_shift, weight_axes
 
 _FLOAT = (torch.float32, torch.float16, torch.bfloat16)
 _PROBE_ROWS = 4          # rows of the caller's batch used by the probe
@@ -113,20 +114,6 @@ def _routes_norm(module: nn.Module, batch_statistics: bool) -> bool:
     return batch_statistics or stock
 
 
-def _hooked(module: nn.Module) -> bool:
-    """Forward hooks could change a module's output, so such a module's output must stay as PyTorch makes it."""
-    return bool(module._forward_hooks or module._forward_pre_hooks or nn.modules.module._global_forward_hooks
-                or nn.modules.module._global_forward_pre_hooks)
-
-
-def _weight_axes(units: PrunableUnits, name: str) -> dict:
-    prefix = f"{name}." if name else ""
-    for pa in units.param_axes:
-        if pa.name == f"{prefix}weight":
-            return pa.axes
-    return {}
-
-
 @dataclass
 class _Plan:
     """What the probe established about one (model, units): per routed layer, whether its pruned input channels
@@ -188,12 +175,12 @@ def _build_plan(model: nn.Module, units: PrunableUnits, probe_x: torch.Tensor) -
     ext = units.extended(states)
     modules = dict(model.named_modules())
     routed = {n: _kind(m) for n, m in modules.items() if _kind(m)}
-    zero_ok = {n: bool(_weight_axes(units, n).get(1) is not None) for n in routed}
+    zero_ok = {n: bool(weight_axes(units, n).get(1) is not None) for n in routed}
     calls, leaf_calls, produced, consumers, alive = {}, {}, {}, {}, []
 
     def check_inputs(name):
         def hook(module, inputs):
-            axes1 = _weight_axes(units, name).get(1)
+            axes1 = weight_axes(units, name).get(1)
             if axes1 is not None and zero_ok[name]:
                 keep = ext[:, axes1.to(ext.device)]
                 zero_ok[name] = bool(inputs) and torch.is_tensor(inputs[0]) and \
@@ -234,16 +221,14 @@ def _build_plan(model: nn.Module, units: PrunableUnits, probe_x: torch.Tensor) -
     finally:
         for h in handles:
             h.remove()
-    masked = {p.module_name for p in units.mask_points}
     folds = {}
     for name, kind in routed.items():
         users = consumers.get(name, [])
         bn = modules[users[0]] if len(users) == 1 else None
-        # A redundant producer (traced, unmasked, owning output bits) feeds only BatchNorms of its own group;
-        # with exactly one such consumer module, one call of each, its output is that BatchNorm's only input.
-        if (units.traced and calls.get(name) == 1 and bn is not None and leaf_calls.get(users[0]) == 1
-                and name not in masked
-                and _weight_axes(units, name).get(0) is not None
+        # A redundant producer feeds only BatchNorms of its own group; with exactly one such consumer module and
+        # one call of each, its output is that BatchNorm's only input.
+        if (redundant_producer(units, name) and calls.get(name) == 1 and bn is not None
+                and leaf_calls.get(users[0]) == 1
                 and isinstance(bn, nn.BatchNorm2d if kind == "conv2d" else nn.BatchNorm1d)):
             folds[name] = users[0]
     verified = {n for n, ok in zero_ok.items() if ok and calls.get(n)}  # a layer the probe never ran stays dense
@@ -312,14 +297,7 @@ def _kernel_ready(x: torch.Tensor, members: int, dims) -> bool:
 
 def _bn_scale_shift(bn):
     """Eval-mode BatchNorm as a per-channel scale and shift (float32, or float64 for a float64 model)."""
-    dtype = torch.promote_types(bn.running_var.dtype, torch.float32)
-    scale = torch.rsqrt(bn.running_var.to(dtype) + bn.eps)
-    if bn.weight is not None:
-        scale = scale * bn.weight.to(dtype)
-    shift = -bn.running_mean.to(dtype) * scale
-    if bn.bias is not None:
-        shift = shift + bn.bias.to(dtype)
-    return scale, shift
+    return running_scale_shift(bn, torch.promote_types(bn.running_var.dtype, torch.float32))
 
 
 def _running_norm(bn, x: torch.Tensor) -> torch.Tensor:
@@ -360,8 +338,7 @@ def _active_folds(plan: _Plan, modules: dict, batch_statistics: bool) -> dict:
     folds = {}
     for name, bn_name in plan.folds.items():
         bn = modules[bn_name]
-        if bn.running_mean is not None and _routes_norm(bn, False) and not _hooked(bn) \
-                and not _hooked(modules[name]):
+        if bn.running_mean is not None and _routes_norm(bn, False) and not has_forward_hooks([bn, modules[name]]):
             folds[name] = bn
     return folds
 
@@ -371,15 +348,15 @@ def _producer_forward(module, name, kind, route: _Route):
     output channels; the stock forward (plus the mask) when the input does not suit the kernel. A producer with a
     folded BatchNorm returns that BatchNorm's masked output (in the kernel's epilogue where it can)."""
     members, plan, units, ext, ek = route.members, route.plan, route.units, route.ext, route.ek
-    axes = _weight_axes(units, name)
+    axes = weight_axes(units, name)
     mask = route.masks.get(name)
     in_keep = torch.ones(members, module.weight.shape[1], dtype=torch.bool, device=ext.device)
-    hooked = _hooked(module)  # a hook may change the input or look at the output: then compute them in full
+    hooked = has_forward_hooks([module])  # a hook may change the input or see the output: compute them in full
     if name in plan.skip_inputs and not hooked:
         in_keep = ext[:, plan.index(("in", name), axes[1], ext.device)]
     if mask is not None:
         out_keep = mask
-    elif units.traced and axes.get(0) is not None and not hooked:  # redundant producer: its BatchNorm masks them
+    elif redundant_producer(units, name) and not hooked:  # its BatchNorm masks these channels
         out_keep = ext[:, plan.index(("out", name), axes[0], ext.device)]
     else:
         out_keep = torch.ones(members, module.weight.shape[0], dtype=torch.bool, device=ext.device)
