@@ -92,7 +92,7 @@ def test_a_non_finite_loss_raises_before_the_weights_change(batch):
 @pytest.mark.parametrize("compact", [True, False])
 def test_skip_mode_skips_a_non_finite_loss_after_convergence(compact, batch):
     x, y = batch
-    model, pruner, optimizer = _setup(x, "resnet18", on_nonfinite="skip", compact_after_convergence=compact)
+    model, pruner, optimizer = _setup(x, "resnet18", on_nonfinite="skip", train_exported_after_convergence=compact)
     pruner.step(x, y, optimizer)
     pruner.finalize()
     pruner.step(x, y, optimizer)

@@ -4,7 +4,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from edropout_kernels import compact_keep, population_batchnorm, population_linear
+from edropout_kernels import kept_first_order, population_batchnorm, population_linear
 from kernel_helpers import DEVICE, ON_CUDA, make_keep, nonzero_randn
 from tolerances import assert_close, tol
 
@@ -25,9 +25,9 @@ def linear_reference(x, w, b, in_keep, out_keep, members, scale=None, shift=None
     return torch.cat(out)
 
 
-def test_compact_keep_lists_kept_then_pruned_ascending():
+def test_kept_first_order_lists_kept_then_pruned_ascending():
     keep = torch.tensor([[1, 0, 1, 1, 0], [0, 0, 0, 0, 0], [1, 1, 1, 1, 1]], dtype=torch.bool)
-    idx, n = compact_keep(keep)
+    idx, n = kept_first_order(keep)
     assert n.tolist() == [3, 0, 5]
     assert idx.tolist() == [[0, 2, 3, 1, 4], [0, 1, 2, 3, 4], [0, 1, 2, 3, 4]]
     assert idx.dtype == torch.int32 and n.dtype == torch.int32

@@ -1,4 +1,4 @@
-"""After convergence, training the compact (exported) network equals masked dense training."""
+"""After convergence, training the exported network equals masked dense training."""
 import copy
 
 import pytest
@@ -14,7 +14,7 @@ def _converged_pair(name, x, y, make_optimizer):
     for compact in (True, False):
         m = copy.deepcopy(model)
         # the reference backend scores and trains the first step identically in both (masked dense forward)
-        p = EDropout(m, x[:2], population_size=5, seed=1, compact_after_convergence=compact, backend="reference")
+        p = EDropout(m, x[:2], population_size=5, seed=1, train_exported_after_convergence=compact, backend="reference")
         o = make_optimizer(m.parameters())
         p.step(x, y, o)
         p.finalize()
@@ -26,7 +26,7 @@ def _converged_pair(name, x, y, make_optimizer):
 
 @pytest.mark.parametrize("name", ["lenet", "resnet18", "concat", "mlp"])
 @pytest.mark.parametrize("opt", ["sgd", "adam"])
-def test_compact_training_matches_masked_training(name, opt, batch):
+def test_exported_training_matches_masked_training(name, opt, batch):
     x, y = batch
     make = {"sgd": lambda p: torch.optim.SGD(p, lr=0.05, momentum=0.9, weight_decay=1e-3),
             # Adam turns noise-level gradients (summation-order noise, ~1e-9) into ±lr steps; a larger eps keeps
