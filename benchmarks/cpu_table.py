@@ -76,7 +76,7 @@ def grid(quick: bool) -> list:
                 case = make_case(net, s, keep)
                 times, diffs = time_case(case, 1 if quick else 3)
                 med = {b: statistics.median(v) * 1e3 for b, v in times.items()}
-                pick = auto.choose(case["model"], case["units"], case["states"], case["x"])
+                pick = auto.choose(case["model"], case["units"], case["states"], case["x"]).name
                 work, rho, steps = auto.features(case["model"], case["units"], case["states"], case["x"])
                 row = dict(net=net, members=s, keep=keep, batch=case["x"].shape[0], rounds=len(times["reference"]),
                            median_ms=med, min_ms={b: min(v) * 1e3 for b, v in times.items()},

@@ -162,9 +162,7 @@ def score_fn(path, model, units, states, x, y, mode):
 
 def compact_note(model, units, x) -> str:
     """Whether the compact backend really ran its compact interpreter on this model."""
-    from edropout.backends import compact
-
-    ran = compact.supported(model, units, x, True)
+    ran = make_backend("compact").bind(model, units, margin_energy).runs_compact(x)
     return "" if ran else "compact backend fell back to batched for this model"
 
 

@@ -17,7 +17,7 @@ import pytest
 import torch
 
 from edropout import EDropout
-from edropout.backends import compact, make_backend
+from edropout.backends import make_backend
 from edropout.app.models import build_model
 
 THREADS = 2
@@ -61,13 +61,9 @@ def score(case: dict, backend: str) -> torch.Tensor:
     """Energies [S] of the case's population with one backend (train-mode scoring, the default). The compact
     backend's scoring of duplicate states once is switched off: at k = 1 all members are the same state, and
     the table should show what S members cost, as it does for the other backends."""
-    dedupe = compact.DEDUPLICATE
-    compact.DEDUPLICATE = False
-    try:
-        bound = make_backend(backend).bind(case["model"], case["units"], case["energy_fn"])
-        return bound.score(case["states"], case["x"], case["y"])
-    finally:
-        compact.DEDUPLICATE = dedupe
+    bound = make_backend(backend).bind(case["model"], case["units"], case["energy_fn"])
+    bound.deduplicate = False  # the compact backend's switch; the others score every member anyway
+    return bound.score(case["states"], case["x"], case["y"])
 
 
 def rounds_for(seconds: float) -> int:

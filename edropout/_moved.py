@@ -10,6 +10,7 @@ import warnings
 
 MOVED = {f"edropout.{name}": f"edropout.app.{name}"
          for name in ("cli", "data", "models", "training", "report", "checkpoint")}
+MOVED["edropout.compact_training"] = "edropout.exported_training"
 
 
 class _AliasLoader(importlib.abc.Loader):
@@ -37,6 +38,7 @@ class MovedModuleFinder(importlib.abc.MetaPathFinder):
 
 
 def install() -> None:
-    """Register the finder once."""
+    """Register the finder once, first: an old name resolves to the new module even where a stale file of the
+    old name is still on a path (an older editable install)."""
     if not any(isinstance(finder, MovedModuleFinder) for finder in sys.meta_path):
-        sys.meta_path.append(MovedModuleFinder())
+        sys.meta_path.insert(0, MovedModuleFinder())

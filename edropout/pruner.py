@@ -18,10 +18,10 @@ from . import evolution as evo
 from .backends import Backend, make_backend
 from .checks import (LogitsOf, NonFiniteError, batch_problem, check_batch, check_logits, check_on_nonfinite,
                      check_optimizer, model_device)
-from .compact_training import CompactTrainer
 from .distributed import StateCheck, forward_inside, resolve_parallelism, unwrap, wrapper_like
 from .energy import resolve_energy
 from .export import export_pruned
+from .exported_training import ExportedNetworkTrainer
 from .masked_update import frozen_statistics, pruned_values, zero_pruned
 from .masking import masked
 from .state_view import StateView
@@ -62,8 +62,9 @@ class EDropout:
                  init_keep: float = 0.5, mutation_factor: float = 0.9, crossover_rate: float = 0.9,
                  energy="margin", backend="auto", seed: int = 0, min_iterations: int = 100,
                  patience: int = 10, rescore_parents: bool = False, score_in_eval_mode: bool = False,
-                 ignored_layers=None, max_members_per_pass=None, compact_after_convergence: bool = True,
-                 output_to_logits=None, on_nonfinite: str = "raise", process_group=None, parallel=None):
+                 ignored_layers=None, max_members_per_pass=None, train_exported_after_convergence: bool = True,
+                 output_to_logits=None, on_nonfinite: str = "raise", process_group=None, parallel=None,
+                 compact_after_convergence=None):
         if not isinstance(model, nn.Module):
             raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
         if not torch.is_tensor(example_inputs):
@@ -90,8 +91,12 @@ class EDropout:
         self.rescore_parents = bool(rescore_parents)
         self.batch_statistics = not score_in_eval_mode
         self._max_members_per_pass = max_members_per_pass
-        self.compact_after_convergence = bool(compact_after_convergence)
-        self._compact = None
+        if compact_after_convergence is not None:
+            warnings.warn("EDropout(compact_after_convergence=...) is now train_exported_after_convergence=...",
+                          DeprecationWarning, stacklevel=2)
+            train_exported_after_convergence = compact_after_convergence
+        self.train_exported_after_convergence = bool(train_exported_after_convergence)
+        self._exported_trainer = None
         self.num_classes = check_logits(model_outputs(self.model, example_inputs),
                                         output_to_logits is not None).shape[-1]
         self.units = discover_units(self.model, example_inputs, ignored_layers)
@@ -268,11 +273,11 @@ class EDropout:
                 return self._nonfinite(problem)
         if self.parallelism is not None:
             x, y = self.parallelism.training_rows(x, y)
-        compact = self.converged and self.compact_after_convergence and self.units.traced
-        trainer = self._compact_trainer(optimizer) if compact else None
-        trained = trainer.small if compact else self.model
+        exported = self.converged and self.train_exported_after_convergence and self.units.traced
+        trainer = self._trainer_for(optimizer) if exported else None
+        trained = trainer.small if exported else self.model
         saved = [b.clone() for b in trained.buffers()] if self.on_nonfinite == "skip" else None
-        if compact:
+        if exported:
             loss = trainer.loss(x, y)
             if not bool(torch.isfinite(loss.detach())):
                 return self._nonfinite_loss(loss, saved, trained)
@@ -318,21 +323,35 @@ class EDropout:
         with backend "auto" or "compact" and the model in train mode)."""
         return self.backend.trains_kept_channels
 
-    def _compact_trainer(self, optimizer) -> CompactTrainer:
-        if self._compact is not None and self._compact.user_optimizer is not optimizer:
+    def _trainer_for(self, optimizer) -> ExportedNetworkTrainer:
+        """The exported network's trainer for ``optimizer`` (a new one, after syncing, when the optimizer changed)."""
+        if self._exported_trainer is not None and self._exported_trainer.user_optimizer is not optimizer:
             self.sync()
-            self._compact = None
-        if self._compact is None:
+            self._exported_trainer = None
+        if self._exported_trainer is None:
             wrap = None if self.ddp is None else wrapper_like(self.ddp)  # the exported network trains under DDP too
-            self._compact = CompactTrainer(self.model, self.units, self.best_view, optimizer, self.example_inputs,
-                                           wrap)
-        return self._compact
+            self._exported_trainer = ExportedNetworkTrainer(self.model, self.units, self.best_view, optimizer,
+                                                            self.example_inputs, wrap)
+        return self._exported_trainer
+
+    @property
+    def compact_after_convergence(self) -> bool:
+        """Deprecated name of ``train_exported_after_convergence``."""
+        warnings.warn("EDropout.compact_after_convergence is now train_exported_after_convergence",
+                      DeprecationWarning, stacklevel=2)
+        return self.train_exported_after_convergence
+
+    @property
+    def training_network(self) -> nn.Module:
+        """The network ``step`` trains: after convergence with ``train_exported_after_convergence``, the exported
+        smaller network (``sync`` copies it back into the model); else the model itself."""
+        return self._exported_trainer.small if self._exported_trainer is not None else self.model
 
     def sync(self) -> None:
-        """After convergence training runs on the compact network; copy its weights, BatchNorm statistics and
+        """After convergence training runs on the exported network; copy its weights, BatchNorm statistics and
         optimizer state back into the user's model and optimizer (``export`` and ``state_dict`` do this too)."""
-        if self._compact is not None:
-            self._compact.write_back()
+        if self._exported_trainer is not None:
+            self._exported_trainer.write_back()
 
     def finalize(self) -> None:
         """Freeze the best state, stop evolving and zero pruned weights for good."""
@@ -406,5 +425,5 @@ class EDropout:
         self.converged = bool(state["converged"])
         self.convergence.unchanged = int(state["unchanged"])
         self.seed = int(state["seed"])
-        self._compact = None
+        self._exported_trainer = None
         self.pruned_values = state.get("pruned_values", {})

@@ -7,7 +7,7 @@ Every kernel also runs on CPU in Triton's interpreter (``TRITON_INTERPRET=1``), 
 """
 
 from ._checks import INTERPRET, pow2_between
-from ._compaction import compact_keep
+from ._kept_first import kept_first_order
 from .bridgeout import bridgeout_mask, bridgeout_weight_triton
 from .evolution import make_children, select_and_best
 from .fused_energy import population_energies
@@ -21,8 +21,8 @@ __all__ = [
     "INTERPRET",
     "bridgeout_mask",
     "bridgeout_weight_triton",
-    "compact_keep",
     "fused_masked_step",
+    "kept_first_order",
     "make_children",
     "population_batchnorm",
     "population_conv2d",
@@ -33,3 +33,13 @@ __all__ = [
     "sparseout_mask",
     "sparseout_triton",
 ]
+
+
+def __getattr__(name):
+    """Deprecated names: ``compact_keep`` is now ``kept_first_order``."""
+    if name == "compact_keep":
+        import warnings
+
+        warnings.warn("edropout_kernels.compact_keep is now kept_first_order", DeprecationWarning, stacklevel=2)
+        return kept_first_order
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -15,7 +15,7 @@ import triton
 import triton.language as tl
 
 from ._checks import check_float, check_population_args, epilogue_launch_flags, pow2_between, prepare_out, split_rows
-from ._compaction import compact_keep
+from ._kept_first import kept_first_order
 from ._epilogue import channel_epilogue
 
 __all__ = ["population_conv2d"]
@@ -137,8 +137,8 @@ def population_conv2d(x, weight, bias, in_keep, out_keep, *, members, stride=1, 
     if y.numel() == 0:
         return y
 
-    in_idx, n_in = compact_keep(in_keep)
-    out_idx, n_out = compact_keep(out_keep)
+    in_idx, n_in = kept_first_order(in_keep)
+    out_idx, n_out = kept_first_order(out_keep)
     gemm_rows = batch * out_h * out_w
     bm = block_m or pow2_between(gemm_rows, 16, 64)
     bn = block_n or pow2_between(n_outputs, 16, 64)

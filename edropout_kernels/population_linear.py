@@ -13,7 +13,7 @@ import triton
 import triton.language as tl
 
 from ._checks import check_float, check_population_args, epilogue_launch_flags, pow2_between, prepare_out, split_rows
-from ._compaction import compact_keep
+from ._kept_first import kept_first_order
 from ._epilogue import channel_epilogue
 
 __all__ = ["population_linear"]
@@ -93,8 +93,8 @@ def population_linear(x, weight, bias, in_keep, out_keep, *, members, scale=None
     if rows == 0 or n_outputs == 0:
         return y
 
-    in_idx, n_in = compact_keep(in_keep)
-    out_idx, n_out = compact_keep(out_keep)
+    in_idx, n_in = kept_first_order(in_keep)
+    out_idx, n_out = kept_first_order(out_keep)
     bm = block_m or pow2_between(batch, 16, 64)
     bn = block_n or pow2_between(n_outputs, 16, 64)
     bk = block_k or pow2_between(n_inputs, 16, 32)

@@ -93,7 +93,7 @@ def trajectory_case(backend, parallel, rank=0, world=1):
     pruner.sync()
     seen["weights"] = {k: v.clone() for k, v in net.state_dict().items()}
     seen["converged"] = pruner.converged
-    seen["compact_trainer_ran"] = pruner._compact is not None
+    seen["compact_trainer_ran"] = pruner.training_network is not pruner.model
     return seen
 
 

@@ -15,6 +15,7 @@ from edropout.masked_update import frozen_statistics
 from edropout.masking import masked
 from edropout.state_view import StateView
 from nets import NETS, ConcatNet, randomise_bn, small_net
+from tolerances import assert_close
 
 
 class DropoutNet(nn.Module):
@@ -133,7 +134,7 @@ def test_evolving_run_equals_the_reference_backend(name, batch):
     assert not runs[0][0].best_state.all()
     (_, model_c, _), (_, model_d, _) = runs
     for (key, a), b in zip(model_c.state_dict().items(), model_d.state_dict().values()):
-        assert torch.allclose(a.double(), b.double(), rtol=1e-9, atol=1e-12), key
+        assert_close(a, b, path="net", dtype=torch.float64, msg=key)
 
 
 def test_hooked_models_train_through_the_masked_dense_forward(batch):

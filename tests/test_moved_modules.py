@@ -1,4 +1,4 @@
-"""Modules that moved to ``edropout.app`` keep their old import paths, with a deprecation warning."""
+"""Modules and names that moved keep their old import paths and spellings, with a deprecation warning."""
 import subprocess
 import sys
 
@@ -11,6 +11,25 @@ def test_old_path_warns_and_gives_the_same_module():
         import edropout.training as old
     import edropout.app.training as new
     assert old is new and old.evaluate is new.evaluate
+
+
+def test_renamed_names_warn_and_give_the_new_ones(batch):
+    from edropout import EDropout
+    from nets import small_net
+
+    sys.modules.pop("edropout.compact_training", None)
+    with pytest.warns(DeprecationWarning, match="edropout.compact_training moved to edropout.exported_training"):
+        import edropout.compact_training as old
+    import edropout.exported_training as new
+    assert old is new
+    with pytest.warns(DeprecationWarning, match="train_exported_after_convergence"):
+        pruner = EDropout(small_net("lenet"), batch[0][:2], compact_after_convergence=False)
+    assert pruner.train_exported_after_convergence is False
+    with pytest.warns(DeprecationWarning, match="train_exported_after_convergence"):
+        assert pruner.compact_after_convergence is False
+    import edropout_kernels
+    with pytest.warns(DeprecationWarning, match="kept_first_order"):
+        assert edropout_kernels.compact_keep is edropout_kernels.kept_first_order
 
 
 def test_python_dash_m_edropout_runs_the_cli():

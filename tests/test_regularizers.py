@@ -16,6 +16,7 @@ from edropout.regularizers import (BatchBridgeoutConv2d, BatchBridgeoutLinear, B
                                    BridgeoutConv2d, BridgeoutLinear, Sparseout, apply_batch_bridgeout,
                                    apply_bridgeout, bridgeout_weight, draw_keep_mask,
                                    remove_bridgeout, smallest_magnitude_mask, sparseout)
+from tolerances import assert_close
 
 
 @pytest.fixture(autouse=True)
@@ -70,7 +71,7 @@ def test_sparseout_forward_is_the_formula(q):
     x[:7] = 0.0
     m = torch.rand(500, generator=g) >= 0.4
     want = x + torch.sign(x) * x.abs() ** (q / 2) * _eta(m, 0.4)
-    assert torch.allclose(sparseout(x, 0.4, q, mask=m), want, rtol=1e-12, atol=1e-15)
+    assert_close(sparseout(x, 0.4, q, mask=m), want)
 
 
 @pytest.mark.parametrize("q", [1.0, 1.5, 2.0])
@@ -102,8 +103,8 @@ def test_sparseout_backward_is_autograd_with_noise_factor_held_constant(q):
     jac = torch.autograd.functional.jacobian(lambda z: sparseout(z, p, q, mask=m), x)
     jac_ref = torch.autograd.functional.jacobian(frozen, x)
     assert torch.isfinite(jac).all()
-    assert torch.allclose(jac, jac_ref, rtol=1e-12, atol=0)
-    assert torch.allclose(sparseout(x, p, q, mask=m), frozen(x), rtol=1e-12, atol=1e-15)  # y = x·f
+    assert_close(jac, jac_ref, atol=0.0)
+    assert_close(sparseout(x, p, q, mask=m), frozen(x))  # y = x·f
     if q == 2.0:  # the factor really is constant: numerical gradient agrees
         assert torch.autograd.gradcheck(lambda z: sparseout(z, p, q, mask=m), (x.clone().requires_grad_(),))
 
@@ -202,7 +203,7 @@ def test_bridgeout_linear_matches_explicit_per_example_weights():
     keep = draw_keep_mask((6, 3, 5), 0.3, generator=torch.Generator().manual_seed(7))
     wt = bridgeout_weight(layer.weight, 0.3, 1.5, keep=keep)
     want = torch.stack([F.linear(x[b], wt[b], layer.bias) for b in range(6)])
-    assert torch.allclose(y, want, atol=1e-6)
+    assert_close(y, want)
 
 
 @pytest.mark.parametrize("kw", [dict(padding=1), dict(stride=2, groups=2, bias=False),
@@ -221,7 +222,7 @@ def test_bridgeout_conv2d_matches_loop_over_examples(kw):
         with torch.no_grad():
             plain.weight.copy_(wt[b])
         want.append(plain(x[b:b + 1]))
-    assert torch.allclose(y, torch.cat(want), atol=1e-5)
+    assert_close(y, torch.cat(want))
     assert layer(x[0]).shape == y.shape[1:]             # unbatched input
 
 
@@ -234,7 +235,7 @@ def test_bridgeout_gradient_is_autograd_of_the_formula():
     bridgeout_weight(w, p, q, keep=keep).pow(2).sum().backward()
     w_ref = w0.clone().requires_grad_()
     (w_ref + w_ref.abs() ** (q / 2) * _eta(keep, p)).pow(2).sum().backward()
-    assert torch.allclose(w.grad, w_ref.grad, rtol=1e-12)
+    assert_close(w.grad, w_ref.grad)
     assert torch.autograd.gradcheck(lambda v: bridgeout_weight(v, p, q, keep=keep), (w0.clone().requires_grad_(),))
 
 
@@ -245,7 +246,7 @@ def test_bridgeout_gradient_finite_at_zero_weight():
     bridgeout_weight(w, p, q, keep=keep).sum().backward()
     eta = _eta(keep, p, torch.float32)
     want = 1 + torch.tensor([0.0, 0.0, -(q / 2) * 0.5 ** (q / 2 - 1), (q / 2) * 2.0 ** (q / 2 - 1)]) * eta
-    assert torch.allclose(w.grad, want)
+    assert_close(w.grad, want, atol=1e-8)
 
 
 def test_wrapped_layer_gradient_equals_formula_gradient():
@@ -260,8 +261,8 @@ def test_wrapped_layer_gradient_equals_formula_gradient():
     target = smallest_magnitude_mask(w, 0.6).float()
     wt = w + target * w.abs() ** 0.75 * _eta(keep, 0.3, torch.float32)
     F.linear(x2, wt, layer.bias.detach()).pow(2).sum().backward()
-    assert torch.allclose(layer.weight.grad, w.grad, atol=1e-5)
-    assert torch.allclose(x.grad, x2.grad, atol=1e-5)
+    assert_close(layer.weight.grad, w.grad)
+    assert_close(x.grad, x2.grad)
 
 
 def test_per_example_conv_gradients_equal_loop_gradients():
@@ -273,8 +274,8 @@ def test_per_example_conv_gradients_equal_loop_gradients():
     keep = draw_keep_mask((3, 3, 2, 3, 3), 0.3, generator=torch.Generator().manual_seed(5))
     wt = w + w.abs() ** 0.75 * _eta(keep, 0.3, torch.float32)
     sum(F.conv2d(x2[b:b + 1], wt[b], layer.bias.detach(), padding=1).pow(2).sum() for b in range(3)).backward()
-    assert torch.allclose(layer.weight.grad, w.grad, rtol=1e-4, atol=1e-4)
-    assert torch.allclose(x.grad, x2.grad, rtol=1e-4, atol=1e-5)
+    assert_close(layer.weight.grad, w.grad, path="net")
+    assert_close(x.grad, x2.grad, path="net")
 
 
 def test_smallest_magnitude_mask_targets_tau_share_of_each_filter():
@@ -313,7 +314,7 @@ def test_batch_bridgeout_conv2d_shares_one_weight_across_the_batch():
     keep = draw_keep_mask(layer.weight.shape, 0.3, generator=torch.Generator().manual_seed(4))
     wt = bridgeout_weight(layer.weight, 0.3, 1.5, keep=keep,
                           target=smallest_magnitude_mask(layer.weight, 0.75))
-    assert torch.allclose(y, F.conv2d(x, wt, layer.bias, padding=1), atol=1e-5)
+    assert_close(y, F.conv2d(x, wt, layer.bias, padding=1))
 
 
 @pytest.mark.parametrize("cls", [BridgeoutLinear, BatchBridgeoutLinear])

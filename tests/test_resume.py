@@ -15,7 +15,7 @@ from edropout.pruner import EDropout
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # digits, 128 images in batches of 32: 4 iterations per epoch; the state freezes during the run, so resumed runs
-# cover both the evolving and the compact-training phase
+# cover both the evolving and the exported-network training phase
 TINY = ["prune", "--width", "4", "--batch-size", "32", "--limit", "128", "--population-size", "4",
         "--min-iterations", "5", "--patience", "2", "--no-progress", "--epochs", "3"]
 STOP_AT = 6  # the 6th step: epoch 2, batch 2

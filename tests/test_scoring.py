@@ -7,6 +7,7 @@ import torch
 from edropout import EDropout
 from edropout.masking import scoring
 from nets import NETS, randomise_bn, small_net
+from tolerances import assert_close
 
 
 def _states(pruner, seed=3):
@@ -30,8 +31,8 @@ def test_reference_equals_batched(name, eval_mode, batch):
     pruner.max_members_per_pass = 4
     chunked = pruner.score_states(states, x, y)
     assert torch.isfinite(ref).all()
-    assert torch.allclose(ref, fast, rtol=1e-5, atol=1e-5)
-    assert torch.allclose(fast, chunked, rtol=1e-5, atol=1e-5)
+    assert_close(ref, fast)
+    assert_close(fast, chunked)
     assert len(set(ref.tolist())) > 2  # different states really score differently
 
 
@@ -73,7 +74,7 @@ def test_batchnorm_uses_each_members_own_statistics(batch):
     states = _states(pruner)
     together = pruner.score_states(states, x, y)
     alone = torch.stack([pruner.score_states(s[None], x, y)[0] for s in states])
-    assert torch.allclose(together, alone, rtol=1e-5, atol=1e-5)
+    assert_close(together, alone)
 
 
 def test_scoring_is_deterministic_with_dropout(batch):

@@ -136,7 +136,7 @@ class Run:
     def save(self):
         if self.launch is not None and not self.launch.writes:
             return
-        pruner_state = self.pruner.state_dict()  # first: it writes compact-training weights back into the model
+        pruner_state = self.pruner.state_dict()  # first: it writes the exported network's weights back into the model
         atomic_save({"config": self.config, "model": self.model.state_dict(),
                      "optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict(),
                      "pruner": pruner_state, "generator": self.generator.get_state(), "rng": rng_states(),
@@ -231,8 +231,8 @@ def train_edropout(model, example_inputs, data, config: dict, seed: int):
 
     ``config`` holds ``epochs``, ``batch_size``, ``optimizer``, ``population_size``, ``energy``, ``patience``,
     ``min_iterations_fraction`` (of all iterations) and optionally ``backend`` and ``weight_decay``. Checkpoints
-    go to a temporary directory. If the state never froze it is frozen at the end, and compact-training
-    weights are written back, so the model and ``pruner.export()`` are final. Returns (pruner, run, seconds).
+    go to a temporary directory. If the state never froze it is frozen at the end, and the exported
+    network's weights are written back, so the model and ``pruner.export()`` are final. Returns (pruner, run, seconds).
     """
     epochs, batch_size = config["epochs"], config["batch_size"]
     per_epoch = len(data.train_y) // batch_size

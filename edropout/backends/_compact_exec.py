@@ -16,6 +16,7 @@ import torch.nn.functional as F
 
 from ._compact_plan import DROPOUT_MODULES, POOL_MODULES, ZERO_MODULES, Plan, Ref
 from ._compact_values import ChannelTable, Packed, _as_rows, _channels_last, align, dense, dense_tree, select
+from ._model_analysis import running_scale_shift
 
 # Convolutions run in channels-last layout, oneDNN's fast path on CPU. Measured (batch 128, min of 12, 2 threads):
 # 3×3 conv 16→16 at 28×28 NCHW 25.6 ms vs channels-last 2.7 ms; 2×2 max-pool of 128×8×28×28 (1 thread)
@@ -65,12 +66,7 @@ def _producer_params(step, ctx, mod):
     if step.fold is None:
         return weight, bias
     bn = ctx.modules[step.fold]
-    scale = torch.rsqrt(bn.running_var + bn.eps)
-    if bn.weight is not None:
-        scale = scale * bn.weight
-    shift = -bn.running_mean * scale
-    if bn.bias is not None:
-        shift = shift + bn.bias
+    scale, shift = running_scale_shift(bn, bn.running_var.dtype)
     weight = weight * scale.view((-1,) + (1,) * (weight.dim() - 1))
     return weight, shift if bias is None else bias * scale + shift
 

@@ -31,6 +31,7 @@ import torch
 
 from . import compact
 from ._compact_plan import CompactUnsupported
+from ._model_analysis import weight_axes
 from .base import Backend
 from .batched import BatchedBackend
 from .compact import CompactBackend
@@ -46,11 +47,10 @@ def kept_mac_fraction(plan, units, states: torch.Tensor) -> float:
     """ρ: mean over members of the share of the dense Conv/Linear multiply-adds that a compact forward still does
     (kept input channels × kept output channels of every layer, weighted by the layer's multiply-adds)."""
     ext = units.extended(states.reshape(-1, units.num_units).cpu()).float()
-    axes = {pa.name: pa.axes for pa in units.param_axes}
     total = kept = 0.0
     for name, macs in plan.layer_macs.items():
         share = torch.ones(ext.shape[0])
-        for dim, index in axes.get(f"{name}.weight" if name else "weight", {}).items():
+        for dim, index in weight_axes(units, name).items():
             if dim in (0, 1):
                 share = share * ext[:, index].mean(dim=1)
         total += macs
@@ -67,15 +67,16 @@ def features(model, units, states: torch.Tensor, x: torch.Tensor, batch_statisti
 
 
 def choose(model, units, states: torch.Tensor, x: torch.Tensor, batch_statistics: bool = True,
-           ratio: float = None, step_macs: float = None) -> str:
-    """"compact" or "batched" for this model, population and batch, by the cost model above."""
+           ratio: float = None, step_macs: float = None) -> type:
+    """``CompactBackend`` or ``BatchedBackend``, whichever the cost model above says scores this model, population
+    and batch faster (``ratio`` and ``step_macs`` replace the measured constants, e.g. to calibrate them)."""
     found = features(model, units, states, x, batch_statistics)
     if found is None:
-        return "batched"
+        return BatchedBackend
     work, rho, steps = found
     ratio = MEASURED_RATIO if ratio is None else ratio
     step_macs = MEASURED_STEP_MACS if step_macs is None else step_macs
-    return "compact" if work * (ratio - rho) > steps * step_macs else "batched"
+    return CompactBackend if work * (ratio - rho) > steps * step_macs else BatchedBackend
 
 
 def main_backend_for(device: torch.device) -> type:
@@ -121,12 +122,17 @@ class AutoBackend(Backend):
         """As ``main``: on CPU the compact backend's kept-channel training."""
         return self.main.trains_kept_channels
 
+    def scorer(self, states: torch.Tensor, x: torch.Tensor) -> Backend:
+        """The composed backend that scores ``states`` on batches like ``x``: on CPU the one the measured rule picks
+        for this model, population and batch (well under a millisecond); elsewhere ``main``."""
+        if self.batched is not None and choose(self.model, self.units, states, x,
+                                               self.batch_statistics) is BatchedBackend:
+            return self.batched
+        return self.main
+
     def score(self, states, x, y):
-        """On CPU the measured rule picks compact or batched for this model, population and batch (well under a
-        millisecond); elsewhere ``main`` scores."""
-        if self.batched is not None and choose(self.model, self.units, states, x, self.batch_statistics) == "batched":
-            return self.batched.score(states, x, y)
-        return self.main.score(states, x, y)
+        """Energies [S] from ``scorer``'s choice."""
+        return self.scorer(states, x).score(states, x, y)
 
     def children(self, population, mutation_factor, crossover_rate, *, generator, seed, iteration):
         """``main``'s children."""

@@ -30,11 +30,8 @@ from ..energy import member_energies
 from ..modes import all_modules_in
 from ._compact_exec import run
 from ._compact_plan import CompactUnsupported, build_plan
+from ._model_analysis import has_forward_hooks
 from .batched import BatchedBackend
-
-# Score each distinct state once: late in training the population holds many copies of the same state.
-# (Benchmarks turn this off so that every backend computes all S members.)
-DEDUPLICATE = True
 
 # model -> {batch_statistics or "train": Plan or CompactUnsupported}; entries die with the model
 _PLANS: "weakref.WeakKeyDictionary[nn.Module, dict]" = weakref.WeakKeyDictionary()
@@ -59,25 +56,30 @@ def plan_for(model: nn.Module, units, x: torch.Tensor, batch_statistics: bool, t
     return found
 
 
-def supported(model: nn.Module, units, x: torch.Tensor, batch_statistics: bool = True) -> bool:
-    """Whether ``CompactBackend.score`` runs the compact interpreter (True) or falls back to the batched backend
-    (False)."""
-    return not isinstance(plan_for(model, units, x, batch_statistics), CompactUnsupported) and \
-        not _has_hooks(model, plan_for(model, units, x, batch_statistics))
-
-
 def _has_hooks(model, plan) -> bool:
     """User hooks on modules the interpreter bypasses (Conv/Linear/BatchNorm are run functionally)."""
-    if nn.modules.module._global_forward_hooks or nn.modules.module._global_forward_pre_hooks:
-        return True
     modules = dict(model.named_modules())
-    return any(modules[name]._forward_hooks or modules[name]._forward_pre_hooks for name in plan.modules)
+    return has_forward_hooks(modules[name] for name in plan.modules)
 
 
 class CompactBackend(BatchedBackend):
     """The batched backend with each member scored, and on CPU the training forward run, on kept channels only."""
 
     name = "compact"
+    # Score each distinct state once: late in training the population holds many copies of the same state.
+    # (Benchmarks turn this off so that every backend computes all S members.)
+    deduplicate = True
+
+    def plan(self, x: torch.Tensor, training: bool = False):
+        """The bound model's cached fx plan for batches like ``x`` (scoring, or the ``training`` forward), or the
+        ``CompactUnsupported`` saying why the interpreter cannot run it."""
+        return plan_for(self.model, self.units, x, True if training else self.batch_statistics, training)
+
+    def runs_compact(self, x: torch.Tensor) -> bool:
+        """Whether ``score`` runs the compact interpreter on batches like ``x`` (True) or falls back to the
+        batched backend (False: untraceable model, forward hooks)."""
+        plan = self.plan(x)
+        return not isinstance(plan, CompactUnsupported) and not _has_hooks(self.model, plan)
 
     def score(self, states, x, y):
         """Energies [S], one compact forward per distinct state (``max_members`` is not needed: the compact path
@@ -93,7 +95,7 @@ class CompactBackend(BatchedBackend):
                                   stacklevel=2)
                     entry["warned_hooks"] = True
             return super().score(states, x, y)
-        if DEDUPLICATE:
+        if self.deduplicate:
             distinct, inverse = torch.unique(states.bool(), dim=0, return_inverse=True)
         else:
             distinct, inverse = states.bool(), torch.arange(states.shape[0], device=states.device)

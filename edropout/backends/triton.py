@@ -35,6 +35,7 @@ from ..energy import cross_entropy_energy, margin_energy, member_energies
 from ..masking import _mask_hook, _member_batch_norm, scoring
 from ..modes import all_modules_in
 from ..units import _NORM, PrunableUnits
+from ._model_analysis import has_forward_hooks, redundant_producer, running_scale_shift, weight_axes
 
 _FLOAT = (torch.float32, torch.float16, torch.bfloat16)
 _PROBE_ROWS = 4          # rows of the caller's batch used by the probe
@@ -113,25 +114,12 @@ def _routes_norm(module: nn.Module, batch_statistics: bool) -> bool:
     return batch_statistics or stock
 
 
-def _hooked(module: nn.Module) -> bool:
-    """Forward hooks could change a module's output, so such a module's output must stay as PyTorch makes it."""
-    return bool(module._forward_hooks or module._forward_pre_hooks or nn.modules.module._global_forward_hooks
-                or nn.modules.module._global_forward_pre_hooks)
-
-
-def _weight_axes(units: PrunableUnits, name: str) -> dict:
-    prefix = f"{name}." if name else ""
-    for pa in units.param_axes:
-        if pa.name == f"{prefix}weight":
-            return pa.axes
-    return {}
-
-
 @dataclass
 class _Plan:
     """What the probe established about one (model, units): per routed layer, whether its pruned input channels
-    are exactly zero (``skip_inputs``); eval-mode BatchNorm folds (``folds``: producer -> BatchNorm); the
-    scoring modes whose routed forward was checked against the reference (``checked``)."""
+    are exactly zero (``skip_inputs``); eval-mode BatchNorm folds (``folds``: producer name -> name of the
+    BatchNorm called once, on that producer's output alone); the scoring modes whose routed forward was checked
+    against the reference (``checked``)."""
 
     units: PrunableUnits
     signature: tuple
@@ -187,12 +175,12 @@ def _build_plan(model: nn.Module, units: PrunableUnits, probe_x: torch.Tensor) -
     ext = units.extended(states)
     modules = dict(model.named_modules())
     routed = {n: _kind(m) for n, m in modules.items() if _kind(m)}
-    zero_ok = {n: bool(_weight_axes(units, n).get(1) is not None) for n in routed}
-    calls, produced, consumers, alive = {}, {}, {}, []
+    zero_ok = {n: bool(weight_axes(units, n).get(1) is not None) for n in routed}
+    calls, leaf_calls, produced, consumers, alive = {}, {}, {}, {}, []
 
     def check_inputs(name):
         def hook(module, inputs):
-            axes1 = _weight_axes(units, name).get(1)
+            axes1 = weight_axes(units, name).get(1)
             if axes1 is not None and zero_ok[name]:
                 keep = ext[:, axes1.to(ext.device)]
                 zero_ok[name] = bool(inputs) and torch.is_tensor(inputs[0]) and \
@@ -208,6 +196,7 @@ def _build_plan(model: nn.Module, units: PrunableUnits, probe_x: torch.Tensor) -
 
     def note_consumer(name):
         def hook(module, inputs):
+            leaf_calls[name] = leaf_calls.get(name, 0) + 1
             for t in inputs:
                 if torch.is_tensor(t) and id(t) in produced:
                     consumers.setdefault(produced[id(t)], []).append(name)
@@ -232,15 +221,14 @@ def _build_plan(model: nn.Module, units: PrunableUnits, probe_x: torch.Tensor) -
     finally:
         for h in handles:
             h.remove()
-    masked = {p.module_name for p in units.mask_points}
     folds = {}
     for name, kind in routed.items():
         users = consumers.get(name, [])
         bn = modules[users[0]] if len(users) == 1 else None
-        # A redundant producer (traced, unmasked, owning output bits) feeds only BatchNorms of its own group;
-        # with exactly one such consumer module and one call, its output is that BatchNorm's input alone.
-        if (units.traced and calls.get(name) == 1 and bn is not None and name not in masked
-                and _weight_axes(units, name).get(0) is not None
+        # A redundant producer feeds only BatchNorms of its own group; with exactly one such consumer module and
+        # one call of each, its output is that BatchNorm's only input.
+        if (redundant_producer(units, name) and calls.get(name) == 1 and bn is not None
+                and leaf_calls.get(users[0]) == 1
                 and isinstance(bn, nn.BatchNorm2d if kind == "conv2d" else nn.BatchNorm1d)):
             folds[name] = users[0]
     verified = {n for n, ok in zero_ok.items() if ok and calls.get(n)}  # a layer the probe never ran stays dense
@@ -309,89 +297,120 @@ def _kernel_ready(x: torch.Tensor, members: int, dims) -> bool:
 
 def _bn_scale_shift(bn):
     """Eval-mode BatchNorm as a per-channel scale and shift (float32, or float64 for a float64 model)."""
-    dtype = torch.promote_types(bn.running_var.dtype, torch.float32)
-    scale = torch.rsqrt(bn.running_var.to(dtype) + bn.eps)
-    if bn.weight is not None:
-        scale = scale * bn.weight.to(dtype)
-    shift = -bn.running_mean.to(dtype) * scale
-    if bn.bias is not None:
-        shift = shift + bn.bias.to(dtype)
-    return scale, shift
+    return running_scale_shift(bn, torch.promote_types(bn.running_var.dtype, torch.float32))
 
 
-def _producer_forward(module, name, kind, ctx):
+def _running_norm(bn, x: torch.Tensor) -> torch.Tensor:
+    """``bn`` with running statistics on ``x`` (channels on dim 1), in at least float32, as eval-mode PyTorch."""
+    scale, shift = _bn_scale_shift(bn)
+    shape = (1, -1) + (1,) * (x.dim() - 2)
+    wide = x.to(torch.promote_types(x.dtype, torch.float32))
+    return (wide * scale.view(shape).to(wide.dtype) + shift.view(shape).to(wide.dtype)).to(x.dtype)
+
+
+def _masked(mask, channel_dim, module, x, out):
+    """``out`` with the channels ``mask`` [S, C] prunes zeroed per member (unchanged when ``mask`` is None)."""
+    return out if mask is None else _mask_hook(mask, channel_dim)(module, (x,), out)
+
+
+@dataclass(frozen=True)
+class _Route:
+    """What every patched forward of one routed scoring call reads: the population (``members`` states, their
+    extended bits ``ext`` [S, E] and per-mask-point keeps ``masks``), the model's plan and units, the scoring
+    mode, the kernels module, and the BatchNorms each producer applies itself (``folds``: producer name ->
+    BatchNorm module, eval-mode scoring only)."""
+
+    members: int
+    ext: torch.Tensor
+    masks: dict
+    plan: _Plan
+    units: PrunableUnits
+    batch_statistics: bool
+    ek: object
+    folds: dict
+
+
+def _active_folds(plan: _Plan, modules: dict, batch_statistics: bool) -> dict:
+    """Producer name -> BatchNorm the producer applies itself in this call: eval-mode scoring only, where this
+    backend computes that BatchNorm and no hook could see (or change) the unfolded value."""
+    if batch_statistics:
+        return {}
+    folds = {}
+    for name, bn_name in plan.folds.items():
+        bn = modules[bn_name]
+        if bn.running_mean is not None and _routes_norm(bn, False) and not has_forward_hooks([bn, modules[name]]):
+            folds[name] = bn
+    return folds
+
+
+def _producer_forward(module, name, kind, route: _Route):
     """Forward of a Conv2d/Linear on the S·B batch: the population kernel on kept channels, exact zeros in pruned
-    output channels; the stock forward (plus the mask) when the input does not suit the kernel."""
-    members, plan, units, ext = ctx["members"], ctx["plan"], ctx["units"], ctx["ext"]
-    axes = _weight_axes(units, name)
-    mask = ctx["masks"].get(name)
-    ones_in = torch.ones(members, module.weight.shape[1], dtype=torch.bool, device=ext.device)
-    in_keep = ones_in
-    hooked = _hooked(module)  # a hook may change the input or look at the output: then compute them in full
+    output channels; the stock forward (plus the mask) when the input does not suit the kernel. A producer with a
+    folded BatchNorm returns that BatchNorm's masked output (in the kernel's epilogue where it can)."""
+    members, plan, units, ext, ek = route.members, route.plan, route.units, route.ext, route.ek
+    axes = weight_axes(units, name)
+    mask = route.masks.get(name)
+    in_keep = torch.ones(members, module.weight.shape[1], dtype=torch.bool, device=ext.device)
+    hooked = has_forward_hooks([module])  # a hook may change the input or see the output: compute them in full
     if name in plan.skip_inputs and not hooked:
         in_keep = ext[:, plan.index(("in", name), axes[1], ext.device)]
     if mask is not None:
         out_keep = mask
-    elif units.traced and axes.get(0) is not None and not hooked:  # redundant producer: its BatchNorm masks them
+    elif redundant_producer(units, name) and not hooked:  # its BatchNorm masks these channels
         out_keep = ext[:, plan.index(("out", name), axes[0], ext.device)]
     else:
         out_keep = torch.ones(members, module.weight.shape[0], dtype=torch.bool, device=ext.device)
-    bn_name = plan.folds.get(name) if not ctx["batch_statistics"] else None
-    bn = ctx["modules"][bn_name] if bn_name is not None else None
-    if bn is not None and (bn.running_mean is None or not _routes_norm(bn, False) or _hooked(bn) or hooked):
-        bn = None  # fold only when this backend computes that BatchNorm and no hook could see the unfolded value
+    bn = route.folds.get(name)
+    bn_mask = route.masks.get(plan.folds[name]) if bn is not None else None
     base = type(module).forward
 
     def forward(x):
         dtype = _compute_dtype(x)
         if not _kernel_ready(x, members, (4,) if kind == "conv2d" else (2, 3, 4, 5)):
-            out = base(module, x)
-            return out if mask is None else _mask_hook(mask, -1 if kind == "linear" else 1)(module, (x,), out)
-        fold = bn is not None and (kind == "conv2d" or x.dim() == 2)
-        scale, shift = _bn_scale_shift(bn) if fold else (None, None)
-        keep = ctx["masks"].get(bn_name, torch.ones_like(out_keep)) if fold else out_keep
+            out = _masked(mask, -1 if kind == "linear" else 1, module, x, base(module, x))
+            return out if bn is None else _masked(bn_mask, 1, bn, out, _running_norm(bn, out))
+        epilogue = bn is not None and (kind == "conv2d" or x.dim() == 2)
+        scale, shift = _bn_scale_shift(bn) if epilogue else (None, None)
+        keep = (bn_mask if bn_mask is not None else torch.ones_like(out_keep)) if epilogue else out_keep
         if kind == "conv2d":
             padding = _conv_padding(module)
             rows = x.shape[0] // members * _conv_out_pixels(x, module, padding)
-            out = ctx["ek"].population_conv2d(
+            out = ek.population_conv2d(
                 x.to(dtype), module.weight, module.bias, in_keep, keep, members=members, stride=module.stride,
-                padding=padding, scale=scale, shift=shift, allow_tf32=ctx["tf32"]("conv2d"),
-                **_interpreter_tiles(ctx["ek"], rows))
+                padding=padding, scale=scale, shift=shift, allow_tf32=_allow_tf32("conv2d"),
+                **_interpreter_tiles(ek, rows))
         else:
             flat = x.to(dtype).reshape(-1, x.shape[-1])
-            out = ctx["ek"].population_linear(
+            out = ek.population_linear(
                 flat, module.weight, module.bias, in_keep, keep, members=members, scale=scale, shift=shift,
-                allow_tf32=ctx["tf32"]("linear"), **_interpreter_tiles(ctx["ek"], flat.shape[0] // members)
+                allow_tf32=_allow_tf32("linear"), **_interpreter_tiles(ek, flat.shape[0] // members)
             ).reshape(*x.shape[:-1], -1)
-        if fold:
-            ctx["folded"][bn_name] = out
+        if bn is not None and not epilogue:
+            out = _masked(bn_mask, 1, bn, out, _running_norm(bn, out))
         return out
 
     return forward
 
 
-def _norm_forward(module, name, ctx):
+def _folded_norm_forward(x):
+    """Forward of a BatchNorm whose only producer already applied it (and its mask): its input is its output."""
+    return x
+
+
+def _norm_forward(module, name, route: _Route):
     """Forward of a BatchNorm on the S·B batch, as the reference computes it while scoring: per-member batch
-    statistics (kernel), or running statistics in eval-mode scoring (folded upstream when possible), masked."""
-    members, mask = ctx["members"], ctx["masks"].get(name)
-    per_member = ctx["batch_statistics"] or module.running_mean is None
+    statistics (kernel), or running statistics in eval-mode scoring, masked."""
+    members, mask = route.members, route.masks.get(name)
+    per_member = route.batch_statistics or module.running_mean is None
     fallback = _member_batch_norm(module, members)
 
-    def masked(x, out):
-        return out if mask is None else _mask_hook(mask, 1)(module, (x,), out)
-
     def forward(x):
-        if ctx["folded"].get(name) is x:  # the producer already applied this BatchNorm and its mask
-            return ctx["folded"].pop(name)
         if not per_member:
-            scale, shift = _bn_scale_shift(module)
-            shape = (1, -1) + (1,) * (x.dim() - 2)
-            wide = x.to(torch.promote_types(x.dtype, torch.float32))
-            return masked(x, (wide * scale.view(shape).to(wide.dtype) + shift.view(shape).to(wide.dtype)).to(x.dtype))
+            return _masked(mask, 1, module, x, _running_norm(module, x))
         if not _kernel_ready(x, members, (2, 3, 4, 5)):
-            return masked(x, fallback(x))
+            return _masked(mask, 1, module, x, fallback(x))
         y = x if x.dim() in (2, 4) else x.reshape(x.shape[0], x.shape[1], -1, 1)
-        out = ctx["ek"].population_batchnorm(y, members, module.weight, module.bias, module.eps, out_keep=mask)
+        out = route.ek.population_batchnorm(y, members, module.weight, module.bias, module.eps, out_keep=mask)
         return out.reshape(x.shape)
 
     return forward
@@ -405,8 +424,9 @@ def _routed(model, units, states, batch_statistics, plan, ek):
     masks = {p.module_name: ext[:, plan.index(("mask", p.module_name), p.index, ext.device)]
              for p in units.mask_points}
     modules = dict(model.named_modules())
-    ctx = {"members": ext.shape[0], "plan": plan, "units": units, "ext": ext, "masks": masks, "modules": modules,
-           "batch_statistics": batch_statistics, "ek": ek, "tf32": _allow_tf32, "folded": {}}
+    folds = _active_folds(plan, modules, batch_statistics)
+    folded_norms = {id(bn) for bn in folds.values()}
+    route = _Route(ext.shape[0], ext, masks, plan, units, batch_statistics, ek, folds)
     patched, handles = {}, []
     with all_modules_in(model, False):
         try:
@@ -414,7 +434,10 @@ def _routed(model, units, states, batch_statistics, plan, ek):
                 kind = _kind(m)
                 if kind or _routes_norm(m, batch_statistics):
                     patched[m] = vars(m).get("forward")
-                    m.forward = _producer_forward(m, name, kind, ctx) if kind else _norm_forward(m, name, ctx)
+                    if kind:
+                        m.forward = _producer_forward(m, name, kind, route)
+                    else:
+                        m.forward = _folded_norm_forward if id(m) in folded_norms else _norm_forward(m, name, route)
                 elif name in masks:
                     channel_dim = next(p.channel_dim for p in units.mask_points if p.module_name == name)
                     handles.append(m.register_forward_hook(_mask_hook(masks[name], channel_dim)))
@@ -444,6 +467,10 @@ class TritonBackend(ReferenceBackend):
     """The reference backend with scoring, the evolution step and the masked update as Triton kernels."""
 
     name = "triton"
+
+    def plan(self, x: torch.Tensor) -> _Plan:
+        """The bound model's routing plan for batches like ``x`` (built, self-checked and cached on first use)."""
+        return _plan_for(self.model, self.units, x, self.batch_statistics, _kernels(x.device))
 
     def score(self, states, x, y):
         """Energies [S]: the population in routed forwards of up to ``max_members`` members (all at once by

@@ -26,7 +26,7 @@ def _pair(name, x, **kw):
 ], ids=["adadelta", "sgd_nesterov", "adamw_amsgrad"])
 def test_fused_update_equals_reference_masked_update(make, batch):
     x, y = batch
-    fast, ref = _pair("resnet18", x, compact_after_convergence=False)
+    fast, ref = _pair("resnet18", x, train_exported_after_convergence=False)
     state = torch.rand(fast.num_units, generator=torch.Generator().manual_seed(0)) < 0.6
     opts = []
     for pruner in (fast, ref):

@@ -5,7 +5,8 @@ import torch
 import torch.nn.functional as F
 
 from edropout_kernels import population_conv2d
-from kernel_helpers import DEVICE, ON_CUDA, RTOL, assert_close_rel, make_keep, nonzero_randn
+from kernel_helpers import DEVICE, ON_CUDA, make_keep, nonzero_randn
+from tolerances import assert_close, tol
 
 def conv_reference(x, w, b, in_keep, out_keep, members, stride, padding, scale=None, shift=None, relu=False):
     batch = x.shape[0] // members
@@ -55,7 +56,7 @@ def test_population_conv2d_matches_reference(members, batch, c_in, c_out, h, w, 
     y = population_conv2d(x, weight, bias, in_keep, out_keep, members=members, stride=stride,
                           padding=padding, scale=scale, shift=shift, relu=epi, allow_tf32=ON_CUDA, out=out)
     assert y.data_ptr() == out.data_ptr()
-    assert_close_rel(y, ref)
+    assert_close(y, ref, path="kernel", scaled=True)
     pruned = (~out_keep).repeat_interleave(batch, 0)[:, :, None, None].expand_as(y)
     assert (y[pruned] == 0).all(), "pruned output channels must be exactly 0"
 
@@ -66,7 +67,7 @@ def test_population_conv2d_matches_reference(members, batch, c_in, c_out, h, w, 
         flipped[s, int(out_keep[s].nonzero()[0])] = False
         other = conv_reference(x, weight, bias, in_keep, flipped, members, stride, padding, scale, shift, False)
         base = conv_reference(x, weight, bias, in_keep, out_keep, members, stride, padding, scale, shift, False)
-        assert not torch.allclose(other, base, rtol=RTOL, atol=RTOL)
+        assert not torch.allclose(other, base, **tol(torch.float32, DEVICE, "kernel"))
 
 
 def test_population_conv2d_channels_last_in_and_out():
@@ -79,7 +80,8 @@ def test_population_conv2d_channels_last_in_and_out():
     y = population_conv2d(x, weight, None, in_keep, out_keep, members=members, padding=1, relu=True,
                           allow_tf32=ON_CUDA)
     assert y.is_contiguous(memory_format=torch.channels_last)
-    assert_close_rel(y, conv_reference(x, weight, None, in_keep, out_keep, members, 1, 1, relu=True))
+    assert_close(y, conv_reference(x, weight, None, in_keep, out_keep, members, 1, 1, relu=True), path="kernel",
+                 scaled=True)
 
 
 def test_population_conv2d_rejects_unsupported():

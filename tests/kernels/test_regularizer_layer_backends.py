@@ -20,8 +20,7 @@ from edropout.regularizers import (Sparseout, apply_batch_bridgeout, apply_bridg
 from edropout_kernels.bridgeout import bridgeout_mask
 from edropout_kernels.sparseout import sparseout_mask
 from kernel_helpers import DEVICE
-
-RTOL, ATOL = 1e-5, 1e-5
+from tolerances import assert_close
 
 
 def _randn(*shape, seed=0, zeros=0):
@@ -32,7 +31,7 @@ def _randn(*shape, seed=0, zeros=0):
 
 def _close(a, b):
     assert a.shape == b.shape
-    assert torch.allclose(a, b, rtol=RTOL, atol=ATOL), (a - b).abs().max().item()
+    assert_close(a, b)
 
 
 @pytest.mark.parametrize("q", [2.0, 1.5, 0.7])

@@ -17,11 +17,11 @@ if not torch.cuda.is_available():
 import edropout_kernels
 from edropout import EDropout
 from edropout.backends import TritonBackend, auto, make_backend
-from edropout.backends import triton as triton_backend
 from nets import randomise_bn, small_net
 from kernel_helpers import DEVICE
+from tolerances import assert_close
 
-TOL = 1e-4
+NO_TF32 = dict(rtol=1e-4, atol=1e-4)  # tf32 is off in these tests (conftest): the interpreter's bound holds on a GPU
 
 
 @pytest.fixture
@@ -29,20 +29,17 @@ def kernel_calls(monkeypatch):
     """Records (kernel, in_keep.all(), out_keep.all(), folded) for every conv/linear kernel launch."""
     calls = []
 
-    class Spy:
-        def __getattr__(self, name):
-            fn = getattr(edropout_kernels, name)
-            if name not in ("population_conv2d", "population_linear"):
-                return fn
+    def spy(name):
+        fn = getattr(edropout_kernels, name)
 
-            def wrapped(x, weight, bias, in_keep, out_keep, **kw):
-                calls.append((name, bool(in_keep.all()), bool(out_keep.all()), kw.get("scale") is not None))
-                return fn(x, weight, bias, in_keep, out_keep, **kw)
+        def wrapped(x, weight, bias, in_keep, out_keep, **kw):
+            calls.append((name, bool(in_keep.all()), bool(out_keep.all()), kw.get("scale") is not None))
+            return fn(x, weight, bias, in_keep, out_keep, **kw)
 
-            return wrapped
+        return wrapped
 
-    original = triton_backend._kernels
-    monkeypatch.setattr(triton_backend, "_kernels", lambda device: (original(device), Spy())[1])
+    for name in ("population_conv2d", "population_linear"):
+        monkeypatch.setattr(edropout_kernels, name, spy(name))
     return calls
 
 
@@ -86,7 +83,7 @@ def test_triton_equals_reference(name, eval_mode, kernel_calls):
     pruner = _pruner(randomise_bn(small_net(name)), x, score_in_eval_mode=eval_mode)
     ref, fast = _both(pruner, x, y)
     assert torch.isfinite(ref).all() and len(set(ref.tolist())) == 4  # the states really differ
-    torch.testing.assert_close(fast, ref, rtol=TOL, atol=TOL)
+    assert_close(fast, ref, path="kernel", **NO_TF32)
     assert int(fast.argmin()) == int(ref.argmin())
     # the kernels did only kept work: some launches skip pruned inputs and some pruned outputs
     assert any(not all_in for _, all_in, _, _ in kernel_calls)
@@ -104,7 +101,7 @@ def test_other_energies(energy):
 
     pruner = _pruner(small_net("lenet"), x, energy=negative_target_logit if energy == "callable" else energy)
     ref, fast = _both(pruner, x, y)
-    torch.testing.assert_close(fast, ref, rtol=TOL, atol=TOL)
+    assert_close(fast, ref, path="kernel", **NO_TF32)
     assert int(fast.argmin()) == int(ref.argmin())
 
 
@@ -127,8 +124,8 @@ def test_input_skipping_only_where_pruned_inputs_are_zero():
     model = randomise_bn(SigmoidNet())
     pruner = _pruner(model, x)
     ref, fast = _both(pruner, x, y)
-    torch.testing.assert_close(fast, ref, rtol=TOL, atol=TOL)
-    plan = triton_backend._PLANS[model]
+    assert_close(fast, ref, path="kernel", **NO_TF32)
+    plan = pruner.backend.plan(x)
     assert "b" not in plan.skip_inputs and "fc" in plan.skip_inputs
 
 
@@ -154,9 +151,9 @@ def test_modules_without_kernels_fall_back_to_pytorch():
     x, y = _data(classes=4)
     pruner = _pruner(MixedNet(), x)
     ref, fast = _both(pruner, x, y)
-    torch.testing.assert_close(fast, ref, rtol=TOL, atol=TOL)
+    assert_close(fast, ref, path="kernel", **NO_TF32)
     pruner.max_members_per_pass = 3  # chunks of 3 and 1 members
-    torch.testing.assert_close(pruner.energies(x, y), ref, rtol=TOL, atol=TOL)
+    assert_close(pruner.energies(x, y), ref, path="kernel", **NO_TF32)
 
 
 class ConvBnNet(nn.Module):
@@ -179,7 +176,7 @@ def test_user_hooks_see_what_pytorch_computes(eval_mode, kernel_calls):
     model = randomise_bn(ConvBnNet())
     pruner = _pruner(model, x, score_in_eval_mode=eval_mode)
     ref, fast = _both(pruner, x, y)
-    torch.testing.assert_close(fast, ref, rtol=TOL, atol=TOL)
+    assert_close(fast, ref, path="kernel", **NO_TF32)
     assert any(folded for *_, folded in kernel_calls) == eval_mode
     kernel_calls.clear()
     handle = model.a.register_forward_hook(lambda module, inputs, output: output * 2 + 0.5)  # seen before bn_a
@@ -187,9 +184,31 @@ def test_user_hooks_see_what_pytorch_computes(eval_mode, kernel_calls):
         ref, fast = _both(pruner, x, y)
     finally:
         handle.remove()
-    torch.testing.assert_close(fast, ref, rtol=TOL, atol=TOL)
+    assert_close(fast, ref, path="kernel", **NO_TF32)
     first = kernel_calls[0]  # conv a: its hook must see the plain conv output, so a is never folded
     assert first[0] == "population_conv2d" and not first[3]
+
+
+class SharedNormNet(nn.Module):
+    """One BatchNorm called twice: on conv a's output (read by conv b too) and on conv b's output, which feeds
+    that BatchNorm alone. Folding it into b would skip it on a's output as well."""
+
+    def __init__(self):
+        super().__init__()
+        self.a, self.b, self.bn = nn.Conv2d(1, 6, 3, padding=1), nn.Conv2d(6, 6, 3, padding=1), nn.BatchNorm2d(6)
+        self.fc = nn.Linear(6, 4)
+
+    def forward(self, x):
+        h = self.a(x)
+        return self.fc(torch.relu(self.bn(h) + self.bn(self.b(h))).mean(dim=(2, 3)))
+
+
+def test_a_batchnorm_called_twice_is_not_folded(kernel_calls):
+    x, y = _data(classes=4)
+    pruner = _pruner(randomise_bn(SharedNormNet()), x, score_in_eval_mode=True)
+    ref, fast = _both(pruner, x, y)
+    assert_close(fast, ref, path="kernel", **NO_TF32)
+    assert kernel_calls and not any(folded for *_, folded in kernel_calls)
 
 
 class BatchMixingNet(nn.Module):

@@ -1,4 +1,4 @@
-"""After convergence, training the compact (exported) network equals masked dense training."""
+"""After convergence, training the exported network equals masked dense training."""
 import copy
 
 import pytest
@@ -14,7 +14,7 @@ def _converged_pair(name, x, y, make_optimizer):
     for compact in (True, False):
         m = copy.deepcopy(model)
         # the reference backend scores and trains the first step identically in both (masked dense forward)
-        p = EDropout(m, x[:2], population_size=5, seed=1, compact_after_convergence=compact, backend="reference")
+        p = EDropout(m, x[:2], population_size=5, seed=1, train_exported_after_convergence=compact, backend="reference")
         o = make_optimizer(m.parameters())
         p.step(x, y, o)
         p.finalize()
@@ -26,7 +26,7 @@ def _converged_pair(name, x, y, make_optimizer):
 
 @pytest.mark.parametrize("name", ["lenet", "resnet18", "concat", "mlp"])
 @pytest.mark.parametrize("opt", ["sgd", "adam"])
-def test_compact_training_matches_masked_training(name, opt, batch):
+def test_exported_training_matches_masked_training(name, opt, batch):
     x, y = batch
     make = {"sgd": lambda p: torch.optim.SGD(p, lr=0.05, momentum=0.9, weight_decay=1e-3),
             # Adam turns noise-level gradients (summation-order noise, ~1e-9) into ±lr steps; a larger eps keeps
@@ -42,7 +42,7 @@ def test_compact_training_matches_masked_training(name, opt, batch):
         assert opt_c.param_groups[0]["lr"] == opt_d.param_groups[0]["lr"]
         scheduler.step()
         scheduler_d.step()
-    assert compact._compact is not None and dense._compact is None
+    assert compact.training_network is not compact.model and dense.training_network is dense.model
     compact.sync()
     # parameters everywhere (pruned ones stay zero in both); buffers where kept (pruned channels' BatchNorm
     # statistics are never used, and the dense path keeps updating them from zero inputs)
@@ -68,6 +68,6 @@ def test_converged_step_trains_a_smaller_network(batch):
     x, y = batch
     (compact, _), (opt_c, _) = _converged_pair("resnet18", x, y, lambda p: torch.optim.SGD(p, lr=0.01))
     compact.step(x, y, opt_c)
-    small = sum(p.numel() for p in compact._compact.small.parameters())
+    small = sum(p.numel() for p in compact.training_network.parameters())
     assert small == int(compact.units.kept_parameters(compact.best_state[None])[0])
     assert small < sum(p.numel() for p in compact.model.parameters())

@@ -1,4 +1,4 @@
-"""Per-member compacted channel index lists, the shared input of the population kernels.
+"""Per-member kept-first channel orders, the shared input of the population kernels.
 
 A population's keep-masks ``keep[S, N]`` become one permutation per member that lists the kept
 channels first (ascending) and the pruned ones after them (ascending), plus the kept count.
@@ -10,10 +10,10 @@ from __future__ import annotations
 
 import torch
 
-__all__ = ["compact_keep"]
+__all__ = ["kept_first_order"]
 
 
-def compact_keep(keep: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def kept_first_order(keep: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Return ``(index int32 [S, N], count int32 [S])`` for a boolean mask ``keep [S, N]``.
 
     ``index[s, :count[s]]`` are the kept channel ids of member ``s`` in ascending order and

@@ -1,4 +1,5 @@
-"""Training after convergence on the compact (exported) shape, so a converged iteration costs less than a dense one.
+"""Training after convergence on the exported (physically smaller) network, so a converged iteration costs less
+than a dense one.
 
 Once the state is frozen, the kept weights are gathered into the physically smaller network and the optimizer's
 state is gathered with them; each step then trains the small network with the user's hyper-parameters (read from
@@ -32,7 +33,7 @@ def _scatter(target: torch.Tensor, kept: dict, values: torch.Tensor) -> None:
     target[tuple(index)] = values
 
 
-class CompactTrainer:
+class ExportedNetworkTrainer:
     """Trains the exported network of ``view``'s state in place of the masked dense one, with the optimizer state
     carried over. ``wrap`` (e.g. a ``DistributedDataParallel`` constructor) wraps the exported network for its
     forwards."""
@@ -52,8 +53,8 @@ class CompactTrainer:
         for group in optimizer.param_groups:
             missing = [p for p in group["params"] if id(p) not in small_of]
             if missing:
-                raise ValueError("the optimizer holds parameters that are not the model's; compact training "
-                                 "needs an optimizer over the model's own parameters")
+                raise ValueError("the optimizer holds parameters that are not the model's; training the exported "
+                                 "network needs an optimizer over the model's own parameters")
             groups.append({**{k: v for k, v in group.items() if k != "params"},
                            "params": [small_of[id(p)] for p in group["params"]]})
         self.optimizer = type(optimizer)(groups)
