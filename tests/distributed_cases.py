@@ -183,10 +183,11 @@ def _children(pid):
 
 
 def start_and_kill(directory):
-    """``torchrun --nproc_per_node=2 -m edropout prune ...`` into ``directory``/killed, both workers killed
-    (SIGKILL) in the epoch after the first checkpoint appears; returns that checkpoint's epoch and the job's output."""
+    """``torchrun --nproc_per_node=2 -m edropout prune ...`` into ``directory``/killed, checkpointing after every
+    iteration, both workers killed (SIGKILL) as soon as a checkpoint appears, inside the first epoch; returns
+    that checkpoint's (epoch, batches of the epoch done) and the job's output."""
     command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "-m",
-               "edropout"] + cli_args(directory, "killed")
+               "edropout"] + cli_args(directory, "killed", "--checkpoint-every", "0")
     out = os.path.join(directory, "killed")
     job = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                            env={**os.environ, "OMP_NUM_THREADS": "1"})
@@ -200,11 +201,11 @@ def start_and_kill(directory):
     workers = _children(job.pid)
     for pid in workers:  # freeze them first, then read where they are
         os.kill(pid, signal.SIGSTOP)
-    epoch = torch.load(checkpoint, weights_only=True)["epoch"]
+    saved = torch.load(checkpoint, weights_only=True)
     for pid in workers:
         os.kill(pid, signal.SIGKILL)
     output = job.communicate(timeout=120)[0].decode()
-    return epoch, output
+    return (saved["epoch"], saved["position"]), output
 
 
 def cli_case(rank, world, directory):

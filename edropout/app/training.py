@@ -167,6 +167,8 @@ class Run:
         self.epoch_elapsed, self.history = saved["epoch_elapsed"], saved["history"]
         self.epoch_seconds, self.converged_at = saved["epoch_seconds"], saved["converged_at"]
         self.resumes = saved["resumes"]
+        if self.launch is not None and self.order is not None:  # rank 0 saved its own rows: take this rank's
+            self.order = self._epoch_order()
 
     @property
     def iterations_per_epoch(self) -> int:
