@@ -10,6 +10,7 @@ Both are timed in interleaved rounds on the same children (ResNet-18-style and S
 from __future__ import annotations
 
 import json
+import os
 import statistics
 import sys
 import time
@@ -55,13 +56,17 @@ def time_case(net, width, members):
 
 def main():
     torch.set_num_threads(THREADS)
+    load_start = os.getloadavg()[0]
     rows = [time_case(*case) for case in CASES]
     meta = {**run_metadata("size_target_cost", "cpu"), "threads": THREADS, "rounds": ROUNDS,
-            "command": "/work/tools/quiet python benchmarks/size_target_cost.py"}
+            "command": "/work/tools/quiet python benchmarks/size_target_cost.py",
+            "loadavg_1min": [load_start, os.getloadavg()[0]]}
     lines = ["# Repair to a size target vs scoring, per generation (CPU)", "",
              f"Machine: {meta['machine']}; torch {meta['torch']}; {meta['date']}; {THREADS} threads; median of "
              f"{ROUNDS} interleaved rounds; batch 128, 28×28, target 0.5 of parameters, backend auto. "
-             f"Command: `{meta['command']}`.", "",
+             f"Command: `{meta['command']}`. Load average (1 min) {meta['loadavg_1min'][0]:.1f} at the start, "
+             f"{meta['loadavg_1min'][1]:.1f} at the end: processes started after `quiet` paused the others share "
+             f"the cores, so compare the columns of one row (timed in interleaved rounds), not absolute times.", "",
              "| net | width | S | D | repair (ms) | scoring (ms) | repair / scoring | worst distance to target |",
              "|---|---|---|---|---|---|---|---|"]
     for r in rows:

@@ -4,7 +4,8 @@ For every network, seed and method of a config file (``methods``: {name: {"targe
 null = repair), EDropout trains from the same initial weights with ``target`` and the config's schedule, and the
 pruned network (P) is evaluated on a validation split cut from the end of the training set (never the test set:
 this measurement picks a default). Reported: validation Top-1/Top-5, the share removed, the share of units kept
-and the training time. Writes ``target_<config>.{json,md}`` under ``--out``.
+and the training time. Writes ``target_<config>.{json,md}`` under ``--out``; each finished (net, seed, method)
+cell is kept in ``target_<config>_cells.json`` and skipped when the command is run again.
 
     python benchmarks/target_repair_vs_penalty.py --config benchmarks/configs/target_cpu.json
 """
@@ -46,6 +47,20 @@ def run_one(net, width, seed, method, data, val_x, val_y, config, device):
             "converged_at_iteration": run.converged_at, "iterations": pruner.iteration}
 
 
+def _load_cells(path):
+    if not os.path.exists(path):
+        return {}
+    with open(path) as f:
+        return json.load(f)
+
+
+def _save_cells(cells, path):
+    """Atomically, so an interrupted run keeps every finished cell."""
+    with open(path + ".tmp", "w") as f:
+        json.dump(cells, f, indent=2)
+    os.replace(path + ".tmp", path)
+
+
 def _mean_spread(values):
     return statistics.mean(values), (max(values) - min(values)) / 2
 
@@ -75,19 +90,24 @@ def main(argv=None):
     args, config, name, device = benchmark_setup(argv, __doc__.splitlines()[0],
                                                  os.path.join(os.path.dirname(__file__), "results"))
     data, val_x, val_y = split(config)
+    os.makedirs(args.out, exist_ok=True)
+    base = os.path.join(args.out, f"target_{name}")
+    cells = _load_cells(base + "_cells.json")
     raw = {}
     for net, width in config["networks"].items():
         raw[net] = {method: [] for method in config["methods"]}
         for seed in config["seeds"]:
             for method in config["methods"]:
-                result = run_one(net, width, seed, method, data, val_x, val_y, config, device)
+                key = f"{net}|{width}|{seed}|{method}"
+                if key not in cells:
+                    cells[key] = run_one(net, width, seed, method, data, val_x, val_y, config, device)
+                    _save_cells(cells, base + "_cells.json")
+                result = cells[key]
                 raw[net][method].append(result)
                 print(f"{net} seed {seed} {method}: Top-1 {result['top1']:.2f}, removed {result['removed']:.2f}%",
                       file=sys.stderr)
     meta = {**run_metadata(name, device),
             "command": f"python benchmarks/target_repair_vs_penalty.py --config {args.config}"}
-    os.makedirs(args.out, exist_ok=True)
-    base = os.path.join(args.out, f"target_{name}")
     with open(base + ".json", "w") as f:
         json.dump({"meta": meta, "config": config, "runs": raw}, f, indent=2)
     with open(base + ".md", "w") as f:
