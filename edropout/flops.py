@@ -9,17 +9,17 @@ from .modes import all_modules_in
 _CONV = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
 
 
-def count_flops(model: nn.Module, example_inputs: torch.Tensor) -> int:
-    """FLOPs (2 × multiply-accumulates) of Conv and Linear layers for one sample shaped like ``example_inputs[0]``."""
-    total = 0
+def flops_per_weight(model: nn.Module, example_inputs: torch.Tensor) -> dict:
+    """FLOPs each weight element of every Conv/Linear module costs on one sample shaped like ``example_inputs[0]``
+    ({module name: 2 × output positions per output channel, summed over calls}): a layer's FLOPs are this factor
+    times the number of elements of its weight, which is why pruning a weight's rows or columns removes FLOPs in
+    proportion."""
+    factors = {}
+    names = {m: n for n, m in model.named_modules()}
 
     def hook(module, inputs, output):
-        nonlocal total
-        if isinstance(module, _CONV):
-            per_output = module.weight[0].numel()  # (in_channels / groups) × kernel
-        else:
-            per_output = module.in_features
-        total += 2 * per_output * output[0].numel()
+        name = names[module]
+        factors[name] = factors.get(name, 0) + 2 * (output[0].numel() // module.weight.shape[0])
 
     handles = [m.register_forward_hook(hook) for m in model.modules() if isinstance(m, _CONV + (nn.Linear,))]
     try:
@@ -28,7 +28,13 @@ def count_flops(model: nn.Module, example_inputs: torch.Tensor) -> int:
     finally:
         for h in handles:
             h.remove()
-    return total
+    return factors
+
+
+def count_flops(model: nn.Module, example_inputs: torch.Tensor) -> int:
+    """FLOPs (2 × multiply-accumulates) of Conv and Linear layers for one sample shaped like ``example_inputs[0]``."""
+    modules = dict(model.named_modules())
+    return sum(factor * modules[name].weight.numel() for name, factor in flops_per_weight(model, example_inputs).items())
 
 
 def count_parameters(model: nn.Module) -> int:

@@ -11,6 +11,7 @@ from __future__ import annotations
 import torch
 import torch.nn as nn
 
+from .size_target import SizeMeasure
 from .units import _CONV, _PRODUCERS, PrunableUnits, discover_units
 
 
@@ -48,15 +49,18 @@ def magnitude_state(model: nn.Module, units: PrunableUnits, fraction: float, nor
 
 
 def magnitude_state_for_rate(model: nn.Module, units: PrunableUnits, rate: float, norm: str = "l1",
-                             steps: int = 40) -> torch.Tensor:
-    """The per-group magnitude state whose share of parameters removed is closest to ``rate`` (bisection)."""
+                             steps: int = 40, metric: str = "params", example_inputs=None) -> torch.Tensor:
+    """The per-group magnitude state whose share of ``metric`` removed ("params": trainable parameters, or
+    "flops", which needs ``example_inputs``) is closest to ``rate`` (bisection), counted as EDropout's target."""
+    measure = SizeMeasure(units, metric, model, example_inputs)
+    share = lambda s: float(measure.share_removed(s[None])[0])  # noqa: E731
     low, high = 0.0, 1.0
     best = magnitude_state(model, units, 0.0, norm)
     for _ in range(steps):
         mid = (low + high) / 2
         state = magnitude_state(model, units, mid, norm)
-        achieved = float(units.pruning_rate(state[None])[0])
-        if abs(achieved - rate) < abs(float(units.pruning_rate(best[None])[0]) - rate):
+        achieved = share(state)
+        if abs(achieved - rate) < abs(share(best) - rate):
             best = state
         low, high = (mid, high) if achieved < rate else (low, mid)
     return best

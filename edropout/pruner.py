@@ -24,6 +24,7 @@ from .export import export_pruned
 from .exported_training import ExportedNetworkTrainer
 from .masked_update import frozen_statistics, pruned_values, zero_pruned
 from .masking import masked
+from .size_target import SizeMeasure, SizeTarget, check_metric
 from .state_view import StateView
 from .units import discover_units, model_outputs
 
@@ -56,6 +57,10 @@ class EDropout:
     ``model`` may be wrapped in ``DistributedDataParallel``; with ``torch.distributed`` initialised (or a
     ``process_group``) the pruner runs ``parallel="data"`` (default) or ``"population"`` across the ranks
     (``edropout.distributed``), and every rank must call ``step``/``energies`` together.
+    ``target`` (optional) is the share of ``target_metric`` ("params": trainable parameters, or "flops") that the
+    exported network removes: every state made is repaired to it, or, with ``target_penalty`` set, penalised in
+    the energy by that weight per share outside the tolerance (``edropout.size_target``). Without a target the
+    evolution is the paper's.
     """
 
     def __init__(self, model: nn.Module, example_inputs: torch.Tensor, *, population_size: int = 8,
@@ -64,7 +69,8 @@ class EDropout:
                  patience: int = 10, rescore_parents: bool = False, score_in_eval_mode: bool = False,
                  ignored_layers=None, max_members_per_pass=None, train_exported_after_convergence: bool = True,
                  output_to_logits=None, on_nonfinite: str = "raise", process_group=None, parallel=None,
-                 compact_after_convergence=None):
+                 compact_after_convergence=None, target=None, target_metric: str = "params",
+                 target_penalty=None):
         if not isinstance(model, nn.Module):
             raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
         if not torch.is_tensor(example_inputs):
@@ -105,9 +111,14 @@ class EDropout:
         self.generator = torch.Generator().manual_seed(self.seed)
         self._group_of_unit = self.units.group_of_unit
         evo.check_population_memory(self.population_size, self.units.num_units, self.device)
+        self.target_metric = check_metric(target_metric)
+        self._size_measure = None  # built on first use of removed_share with the FLOPs metric
+        self.size_target = None if target is None else SizeTarget(self.units, target, target_metric, target_penalty,
+                                                                  model, example_inputs)
         population = evo.initial_population(self.population_size, self.units.num_units, self.init_keep,
                                             self.generator)
-        self.population = evo.keep_one_per_group(population, self._group_of_unit, self.generator).to(self.device)
+        population = evo.keep_one_per_group(population, self._group_of_unit, self.generator)
+        self.population = self._on_target(population).to(self.device)
         self.stored_energies = None
         self.best_state = torch.ones(self.units.num_units, dtype=torch.bool, device=self.device)
         self.convergence = evo.Convergence(int(min_iterations), int(patience))
@@ -189,8 +200,10 @@ class EDropout:
         states = states.reshape(-1, self.num_units).to(self.device).bool()
         if self._scorer is not None:
             self.parallelism.check_batch(x)
-            return self._scorer.score(states, x, y)
-        return self._score_locally(states, x, y)
+            energies = self._scorer.score(states, x, y)
+        else:
+            energies = self._score_locally(states, x, y)
+        return energies if self.size_target is None else self.size_target.penalise(states, energies)
 
     def _score_locally(self, states, x, y):
         return self.backend.score(states, x, y)
@@ -205,6 +218,10 @@ class EDropout:
         return energies
 
     # ----- evolution -----------------------------------------------------------------------------------
+    def _on_target(self, states: torch.Tensor) -> torch.Tensor:
+        """States repaired to the size target (unchanged without a target or when it is a penalty)."""
+        return states if self.size_target is None else self.size_target.repair(states, self.generator)
+
     def evolve(self, x: torch.Tensor, y: torch.Tensor) -> None:
         """One generation: children, scoring, greedy selection, best state and convergence."""
         problem = self._evolve(x, self._finite_batch(x, y))
@@ -216,7 +233,7 @@ class EDropout:
         generator_state = self.generator.get_state()
         children = self.backend.children(self.population, self.mutation_factor, self.crossover_rate,
                                          generator=self.generator, seed=self.seed, iteration=self.iteration)
-        children = evo.keep_one_per_group(children, self._group_of_unit, self.generator)
+        children = self._on_target(evo.keep_one_per_group(children, self._group_of_unit, self.generator))
         stored = self.stored_energies
         if stored is None or self.rescore_parents:
             stored, child_energies = self._score(torch.cat([self.population, children]), x, y).split(
@@ -369,6 +386,33 @@ class EDropout:
         """Share of trainable parameters that the best state removes when exported."""
         return self.best_view.pruning_rate
 
+    @property
+    def target(self):
+        """The requested share of ``target_metric`` to remove, or None."""
+        return None if self.size_target is None else self.size_target.target
+
+    @property
+    def _target_settings(self):
+        """What a checkpoint records of the size target, to refuse resuming under another one."""
+        if self.size_target is None:
+            return None
+        return {"target": self.target, "metric": self.target_metric, "penalty": self.size_target.penalty_weight}
+
+    @property
+    def removed_share(self) -> float:
+        """Share of ``target_metric`` (trainable parameters or FLOPs) that the best state removes when exported."""
+        if self.target_metric == "params":
+            return self.pruning_rate
+        if self._size_measure is None:
+            self._size_measure = (SizeMeasure(self.units, self.target_metric, self.model, self.example_inputs)
+                                  if self.size_target is None else self.size_target.measure)
+        return float(self._size_measure.share_removed(self.best_state[None])[0])
+
+    @property
+    def units_kept_share(self) -> float:
+        """Share of the prunable units (bits) that the best state keeps."""
+        return float(self.best_state.float().mean())
+
     @contextlib.contextmanager
     def full_network(self):
         """Context manager for the paper's (F): every unit kept, pruned weights at the values they were frozen
@@ -405,7 +449,7 @@ class EDropout:
                 "stored_energies": None if self.stored_energies is None else self.stored_energies.cpu(),
                 "best_state": self.best_state.cpu(), "generator": self.generator.get_state(),
                 "iteration": self.iteration, "converged": self.converged,
-                "unchanged": self.convergence.unchanged, "seed": self.seed,
+                "unchanged": self.convergence.unchanged, "seed": self.seed, "size_target": self._target_settings,
                 "pruned_values": {k: v.cpu() for k, v in self.pruned_values.items()}}
 
     def load_state_dict(self, state: dict) -> None:
@@ -416,6 +460,10 @@ class EDropout:
                              f"(D = {state.get('num_units')}), but this pruner has S = {self.population_size}, "
                              f"D = {self.num_units}; load it into a pruner built on the same model and "
                              f"population_size")
+        if state.get("size_target") != self._target_settings:
+            raise ValueError(f"this checkpoint was made with size target {state.get('size_target')}, but this pruner "
+                             f"has {self._target_settings}; build the pruner with the checkpoint's target, "
+                             f"target_metric and target_penalty to resume it")
         self.population = state["population"].to(self.device).bool()
         energies = state["stored_energies"]
         self.stored_energies = None if energies is None else energies.to(self.device)

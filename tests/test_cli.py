@@ -37,6 +37,29 @@ def test_cli_runs_end_to_end(tmp_path):
     assert evaluate(small, data.test_x, data.test_y)[0] == pytest.approx(report["top1_P"])
 
 
+def test_target_rate_is_met_and_reported(tmp_path, capsys):
+    out = tmp_path / "run"
+    assert main(TINY + ["--epochs", "2", "--out", str(out), "--target-rate", "0.5"]) == 0
+    report = json.loads((out / "report.json").read_text())
+    small = load_pruned_model(str(out / "pruned_model.pt"))
+    removed = 1 - sum(p.numel() for p in small.parameters()) / report["parameters_dense"]
+    assert abs(removed - 0.5) <= 0.02
+    assert report["target_percent_removed"] == 50.0 and report["target_metric"] == "params"
+    assert report["achieved_percent_removed"] == pytest.approx(100 * removed)
+    assert report["percent_units_kept"] == pytest.approx(100 * report["units_kept"] / report["units_total"])
+    assert "F_meaning" in report
+    line = capsys.readouterr().out.strip()
+    assert line.index("Top-1 (P)") < line.index("removed") and "(F)" not in line
+    assert f"removed {100 * removed:.1f}% of parameters" in line and "(target 50.0% of params)" in line
+    assert f"{report['percent_units_kept']:.1f}% of units kept" in line
+
+
+def test_target_rate_outside_zero_one_is_a_one_line_error(capsys):
+    with pytest.raises(SystemExit):
+        main(["prune", "--target-rate", "1.5"])
+    assert "--target-rate: 1.5 is not a share in [0, 1)" in capsys.readouterr().err
+
+
 def test_resume_continues_where_the_run_stopped(tmp_path):
     straight, split = tmp_path / "straight", tmp_path / "split"
     main(TINY + ["--epochs", "3", "--out", str(straight)])

@@ -24,6 +24,8 @@ from ..backends import BACKENDS
 from ..checks import NonFiniteError
 from ..distributed import MODES
 from ..energy import ENERGIES
+from ..flops import count_flops
+from ..size_target import METRICS
 from ..pruner import EDropout
 from .checkpoint import load_checkpoint, load_pruned_model, save_pruned_model
 from .data import DATASETS, FASHION_MNIST_DIR, load_dataset
@@ -77,6 +79,22 @@ POSITIVE_FLOAT = _number(float, "a positive number", 0.0, low_inclusive=False)
 NON_NEGATIVE_FLOAT = _number(float, "a number >= 0", 0.0)
 
 
+F_MEANING = ("(F): the trained network with every unit switched back on, pruned weights at the values they had "
+             "when their units were last kept; not a network anyone deploys (pruned weights stop training), so "
+             "it is often near chance. (P) is the pruned network, the one export() returns.")
+
+
+def _share(text: str) -> float:
+    """A share to remove, in [0, 1)."""
+    try:
+        value = float(text)
+    except ValueError:
+        value = float("nan")
+    if not 0.0 <= value < 1.0:
+        raise argparse.ArgumentTypeError(f"{text} is not a share in [0, 1) (e.g. 0.5 removes half)")
+    return value
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="edropout", description="Energy-based pruning (EDropout) for PyTorch.")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -109,6 +127,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--mutation-factor", type=PROBABILITY, default=0.9, help="differential evolution's F")
     p.add_argument("--crossover-rate", type=PROBABILITY, default=0.9, help="differential evolution's C")
     p.add_argument("--energy", default="margin", choices=ENERGIES, help="energy that scores a pruning state")
+    p.add_argument("--target-rate", type=_share, default=None,
+                   help="share of the target metric the pruned network removes, in [0, 1); default no target "
+                        "(the share is whatever the evolution lands on)")
+    p.add_argument("--target-metric", default="params", choices=METRICS,
+                   help="what --target-rate counts: trainable parameters or FLOPs")
     p.add_argument("--backend", default="auto", choices=tuple(BACKENDS),
                    help="how the population is scored: reference (one masked forward per state), batched (one "
                         "forward of S*B rows), compact (kept channels only, CPU), triton (GPU kernels), auto")
@@ -269,8 +292,8 @@ def _prune(args, launch, run_state) -> dict | None:
                       init_keep=args.init_keep, mutation_factor=args.mutation_factor,
                       crossover_rate=args.crossover_rate, energy=args.energy, backend=args.backend, seed=args.seed,
                       min_iterations=min_iterations, patience=args.patience, rescore_parents=args.rescore_parents,
-                      score_in_eval_mode=args.eval_mode_scoring,
-                      parallel=args.parallel if launch.distributed else None)
+                      score_in_eval_mode=args.eval_mode_scoring, target=args.target_rate,
+                      target_metric=args.target_metric, parallel=args.parallel if launch.distributed else None)
     optimizer = make_optimizer(args.optimizer, model.parameters(), args.lr, args.weight_decay)
     scheduler = torch.optim.lr_scheduler.StepLR(optimizer, step_size=args.lr_step or 10 ** 9, gamma=0.1)
     run = Run(model, pruner, optimizer, scheduler, data, args.batch_size, args.seed, args.out, config,
@@ -313,6 +336,8 @@ def _report(args, kwargs, data, model, pruner, run, device) -> dict:
     reloaded = load_pruned_model(model_path).to(device)
     exported_top = evaluate(reloaded, data.test_x, data.test_y)
     rate = pruner.pruning_rate
+    example = data.train_x[:1].to(device)
+    flops_removed = 1.0 - count_flops(small, example) / count_flops(model, example)
     report = {
         "model": args.model, "data": args.data, "device": str(device), "backend": str(pruner.backend),
         "world_size": run.world_size, "parallel": run.parallel,
@@ -322,9 +347,15 @@ def _report(args, kwargs, data, model, pruner, run, device) -> dict:
         "converged_at_iteration": run.converged_at,
         "parameters_dense": _params(model), "parameters_pruned": _params(small),
         "percent_removed": 100.0 * rate, "R_percent_kept": 100.0 * (1.0 - rate),
+        "percent_flops_removed": 100.0 * flops_removed,
+        "target_metric": args.target_metric,
+        "target_percent_removed": None if pruner.target is None else 100.0 * pruner.target,
+        "achieved_percent_removed": 100.0 * pruner.removed_share,
         "units_total": pruner.num_units, "units_kept": int(pruner.best_state.sum()),
-        "top1_F": dense_top[0], "top5_F": dense_top[1], "top1_P": pruned_top[0], "top5_P": pruned_top[1],
+        "percent_units_kept": 100.0 * pruner.units_kept_share,
+        "top1_P": pruned_top[0], "top5_P": pruned_top[1],
         "top1_exported": exported_top[0], "top5_exported": exported_top[1],
+        "top1_F": dense_top[0], "top5_F": dense_top[1], "F_meaning": F_MEANING,
         "seconds_per_epoch": run.epoch_seconds, "minutes_total": sum(run.epoch_seconds) / 60.0,
         "pruned_model": model_path,
     }
@@ -362,11 +393,18 @@ def main(argv=None) -> int:
         return 128 + stop.signum
     if report is None:  # a rank other than 0: rank 0 printed the summary
         return 0
-    print(f"{report['model']} on {report['data']}: Top-1 (F) {report['top1_F']:.2f}%  (P) {report['top1_P']:.2f}%  "
-          f"Top-5 (P) {report['top5_P']:.2f}%  removed {report['percent_removed']:.2f}% of parameters "
-          f"(R = {report['R_percent_kept']:.2f}% kept)  in {(time.perf_counter() - start) / 60:.2f} min; "
-          f"report in {args.out}/report.json")
+    print(summary_line(report, (time.perf_counter() - start) / 60, args.out))
     return 0
+
+
+def summary_line(report: dict, minutes: float, out: str) -> str:
+    """The one line the command prints: the pruned network's accuracy first, then its size against the target."""
+    target = report["target_percent_removed"]
+    aim = "" if target is None else f" (target {target:.1f}% of {report['target_metric']})"
+    return (f"{report['model']} on {report['data']}: Top-1 (P) {report['top1_P']:.2f}%  Top-5 (P) "
+            f"{report['top5_P']:.2f}%  removed {report['percent_removed']:.1f}% of parameters and "
+            f"{report['percent_flops_removed']:.1f}% of FLOPs{aim}, {report['percent_units_kept']:.1f}% of units "
+            f"kept, in {minutes:.2f} min; report in {out}/report.json")
 
 
 if __name__ == "__main__":

@@ -232,7 +232,8 @@ def train_edropout(model, example_inputs, data, config: dict, seed: int):
     """Train ``model`` with EDropout for ``config["epochs"]`` epochs (the benchmarks' shared loop).
 
     ``config`` holds ``epochs``, ``batch_size``, ``optimizer``, ``population_size``, ``energy``, ``patience``,
-    ``min_iterations_fraction`` (of all iterations) and optionally ``backend`` and ``weight_decay``. Checkpoints
+    ``min_iterations_fraction`` (of all iterations) and optionally ``backend``, ``weight_decay``, ``init_keep`` and
+    the size target (``target``, ``target_metric``, ``target_penalty``; see ``EDropout``). Checkpoints
     go to a temporary directory. If the state never froze it is frozen at the end, and the exported
     network's weights are written back, so the model and ``pruner.export()`` are final. Returns (pruner, run, seconds).
     """
@@ -240,7 +241,9 @@ def train_edropout(model, example_inputs, data, config: dict, seed: int):
     per_epoch = len(data.train_y) // batch_size
     pruner = EDropout(model, example_inputs, population_size=config["population_size"], energy=config["energy"],
                       backend=config.get("backend", "auto"), seed=seed, patience=config["patience"],
-                      min_iterations=int(config["min_iterations_fraction"] * per_epoch * epochs))
+                      min_iterations=int(config["min_iterations_fraction"] * per_epoch * epochs),
+                      init_keep=config.get("init_keep", 0.5), target=config.get("target"),
+                      target_metric=config.get("target_metric", "params"), target_penalty=config.get("target_penalty"))
     optimizer = make_optimizer(config["optimizer"], model.parameters(),
                                weight_decay=config.get("weight_decay", 1e-5))
     scheduler = torch.optim.lr_scheduler.StepLR(optimizer, 10 ** 9)
