@@ -60,6 +60,12 @@ def test_target_rate_outside_zero_one_is_a_one_line_error(capsys):
     assert "--target-rate: 1.5 is not a share in [0, 1)" in capsys.readouterr().err
 
 
+def test_unreachable_target_rate_is_a_one_line_error(tmp_path, capsys):
+    assert main(TINY + ["--epochs", "1", "--out", str(tmp_path / "run"), "--target-rate", "0.99"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "beyond what pruning can remove" in err and "Traceback" not in err and len(err.splitlines()) == 1
+
+
 def test_resume_continues_where_the_run_stopped(tmp_path):
     straight, split = tmp_path / "straight", tmp_path / "split"
     main(TINY + ["--epochs", "3", "--out", str(straight)])

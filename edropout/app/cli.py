@@ -288,12 +288,16 @@ def _prune(args, launch, run_state) -> dict | None:
     trained = model
     if launch.distributed:  # DDP averages the ranks' gradients; rank 0's weights are broadcast first
         trained = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
-    pruner = EDropout(trained, data.train_x[:2].to(device), population_size=args.population_size,
-                      init_keep=args.init_keep, mutation_factor=args.mutation_factor,
-                      crossover_rate=args.crossover_rate, energy=args.energy, backend=args.backend, seed=args.seed,
-                      min_iterations=min_iterations, patience=args.patience, rescore_parents=args.rescore_parents,
-                      score_in_eval_mode=args.eval_mode_scoring, target=args.target_rate,
-                      target_metric=args.target_metric, parallel=args.parallel if launch.distributed else None)
+    try:  # EDropout checks its arguments against the model (an unreachable --target-rate, --init-keep 2, ...)
+        pruner = EDropout(trained, data.train_x[:2].to(device), population_size=args.population_size,
+                          init_keep=args.init_keep, mutation_factor=args.mutation_factor,
+                          crossover_rate=args.crossover_rate, energy=args.energy, backend=args.backend,
+                          seed=args.seed, min_iterations=min_iterations, patience=args.patience,
+                          rescore_parents=args.rescore_parents, score_in_eval_mode=args.eval_mode_scoring,
+                          target=args.target_rate, target_metric=args.target_metric,
+                          parallel=args.parallel if launch.distributed else None)
+    except ValueError as error:
+        raise UserError(str(error)) from None
     optimizer = make_optimizer(args.optimizer, model.parameters(), args.lr, args.weight_decay)
     scheduler = torch.optim.lr_scheduler.StepLR(optimizer, step_size=args.lr_step or 10 ** 9, gamma=0.1)
     run = Run(model, pruner, optimizer, scheduler, data, args.batch_size, args.seed, args.out, config,
