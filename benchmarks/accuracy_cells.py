@@ -83,9 +83,10 @@ class Bench:
         return build_model(net, data.in_channels, data.input_size, data.num_classes,
                            self.config["networks"][net]["width"]).to(self.device)
 
-    def optimizer_and_schedule(self, params):
-        """The shared optimizer and the one-cycle schedule over all ``epochs`` (stepped every iteration)."""
-        c = self.config
+    def optimizer_and_schedule(self, params, net: str):
+        """The optimizer and the one-cycle schedule over all ``epochs`` (stepped every iteration), the same for
+        every method; a network's entry may override ``optimizer``, ``lr``, ``weight_decay`` and ``pct_start``."""
+        c = {**self.config, **self.config["networks"][net]}
         optimizer = make_optimizer(c["optimizer"], params, c.get("lr"), c.get("weight_decay", 1e-5))
         return optimizer, one_cycle(optimizer, c["lr"], self.epochs * self.per_epoch, c.get("pct_start", 0.3))
 
@@ -203,7 +204,7 @@ def _size_figures(bench: Bench, dense, small, classifier: str) -> dict:
 # ----- dense ---------------------------------------------------------------------------------------------------
 def run_dense(bench: Bench, cell: Cell, spec: dict) -> dict:
     model = bench.new_model(cell.net, cell.seed)
-    optimizer, scheduler = bench.optimizer_and_schedule(model.parameters())
+    optimizer, scheduler = bench.optimizer_and_schedule(model.parameters(), cell.net)
     progress = Progress(cell.seed)
     path = os.path.join(bench.cell_dir(cell), "checkpoint.pt")
     if os.path.exists(path):
@@ -272,7 +273,7 @@ def run_pruned_baseline(bench: Bench, cell: Cell, spec: dict) -> dict:
     start = time.perf_counter()
     small, details = PRUNERS[spec["kind"]](dense, bench.example, spec["share"])
     prune_seconds = time.perf_counter() - start
-    optimizer, scheduler = bench.optimizer_and_schedule(small.parameters())
+    optimizer, scheduler = bench.optimizer_and_schedule(small.parameters(), cell.net)
     scheduler.load_state_dict(snapshot["scheduler"])  # the shared schedule, continued where the dense run was
     for group, dense_group in zip(optimizer.param_groups, snapshot["optimizer"]["param_groups"]):
         group.update({k: dense_group[k] for k in ("lr", "momentum", "betas") if k in dense_group})
@@ -326,7 +327,7 @@ def run_edropout(bench: Bench, cell: Cell, spec: dict) -> dict:
     model = bench.new_model(cell.net, cell.seed)
     settings = edropout_settings(bench, spec)
     pruner = EDropout(model, bench.example, seed=cell.seed, **settings)
-    optimizer, scheduler = bench.optimizer_and_schedule(model.parameters())
+    optimizer, scheduler = bench.optimizer_and_schedule(model.parameters(), cell.net)
     progress = Progress(cell.seed)
     history, converged_at = [], [None]
     path = os.path.join(bench.cell_dir(cell), "checkpoint.pt")

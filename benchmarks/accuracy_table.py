@@ -73,6 +73,14 @@ def _fmt(ms, seeds):
     return f"{ms[0]:.2f}" if len(seeds) < 2 else f"{ms[0]:.2f} ± {ms[1]:.2f}"
 
 
+def _schedules(config) -> str:
+    parts = []
+    for net, spec in config["networks"].items():
+        c = {**config, **spec}
+        parts.append(f"{net}: {c['optimizer']}, peak lr {c['lr']}, weight decay {c.get('weight_decay', 1e-5)}")
+    return "; ".join(parts)
+
+
 def markdown(config, meta, table, statuses, checks, split) -> str:
     done = sum(s == "done" for s in statuses.values())
     name = "test" if split == "test" else "validation"
@@ -82,8 +90,8 @@ def markdown(config, meta, table, statuses, checks, split) -> str:
     lines += [f"Machine: {meta['machine']}; torch {meta['torch']}; {meta['dates']}. Command: `{meta['command']}`.",
               f"Data: {meta['train_images']} train / {meta['val_images']} validation (fixed split, seed "
               f"{config.get('split_seed', 0)}) / {meta['test_images']} test images. Every method trains "
-              f"{config['epochs']} epochs (batch {config['batch_size']}) on one one-cycle schedule "
-              f"({config['optimizer']}, peak lr {config['lr']}, weight decay {config.get('weight_decay', 1e-5)}); "
+              f"{config['epochs']} epochs (batch {config['batch_size']}) on one one-cycle schedule per network "
+              f"({_schedules(config)}); "
               f"pruning baselines prune the dense network after epoch {config['prune_epoch']} and fine-tune for "
               f"the rest. Top-1/Top-5 on the {name} set; mean ± half the range over the seeds done.", "",
               f"| net | method | seeds | Top-1 | Top-5 | val Top-1 | % params removed | % FLOPs removed | "
