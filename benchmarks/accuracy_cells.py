@@ -34,7 +34,7 @@ from edropout.magnitude_pruning import magnitude_state_for_rate
 from edropout.pruner import EDropout
 from edropout.units import discover_units, find_classifier
 
-KINDS = ("dense", "l1", "torch_pruning", "edropout")
+SCHEDULE_SETTINGS = ("optimizer", "lr", "weight_decay", "pct_start")
 HISTORY_EVERY = 10  # iterations between the EDropout history points kept in a cell's result file
 
 
@@ -60,6 +60,9 @@ class Bench:
         self.epochs, self.batch_size = config["epochs"], config["batch_size"]
         self.per_epoch = len(train.train_y) // self.batch_size
         self.example = train.train_x[:2].to(device)
+        for method, spec in config["methods"].items():
+            if spec.get("kind") not in RUNNERS:
+                raise ValueError(f"method {method!r} has kind {spec.get('kind')!r}; use one of {sorted(RUNNERS)}")
 
     def cells(self) -> list:
         """Every planned cell, in the order they are run: per network and seed, dense first."""
@@ -83,12 +86,19 @@ class Bench:
         return build_model(net, data.in_channels, data.input_size, data.num_classes,
                            self.config["networks"][net]["width"]).to(self.device)
 
-    def optimizer_and_schedule(self, params, net: str):
-        """The optimizer and the one-cycle schedule over all ``epochs`` (stepped every iteration), the same for
-        every method; a network's entry may override ``optimizer``, ``lr``, ``weight_decay`` and ``pct_start``."""
-        c = {**self.config, **self.config["networks"][net]}
-        optimizer = make_optimizer(c["optimizer"], params, c.get("lr"), c.get("weight_decay", 1e-5))
-        return optimizer, one_cycle(optimizer, c["lr"], self.epochs * self.per_epoch, c.get("pct_start", 0.3))
+    def schedule(self, net: str, spec: dict | None = None) -> dict:
+        """Optimizer, peak lr, weight decay and warm-up share of a cell: the config's, overridden by the network's
+        entry and, for an ablation, by a dense or EDropout method's entry."""
+        merged = {**self.config, **self.config["networks"][net],
+                  **{k: v for k, v in (spec or {}).items() if k in SCHEDULE_SETTINGS}}
+        return {"optimizer": merged["optimizer"], "lr": merged["lr"],
+                "weight_decay": merged.get("weight_decay", 1e-5), "pct_start": merged.get("pct_start", 0.3)}
+
+    def optimizer_and_schedule(self, params, net: str, spec: dict | None = None):
+        """The optimizer and the one-cycle schedule over all ``epochs``, stepped every iteration."""
+        c = self.schedule(net, spec)
+        optimizer = make_optimizer(c["optimizer"], params, c["lr"], c["weight_decay"])
+        return optimizer, one_cycle(optimizer, c["lr"], self.epochs * self.per_epoch, c["pct_start"])
 
     def evaluate_all(self, model, context_factory=None) -> dict:
         """Top-1/Top-5 on validation (always) and test (only if the config reports it)."""
@@ -204,7 +214,7 @@ def _size_figures(bench: Bench, dense, small, classifier: str) -> dict:
 # ----- dense ---------------------------------------------------------------------------------------------------
 def run_dense(bench: Bench, cell: Cell, spec: dict) -> dict:
     model = bench.new_model(cell.net, cell.seed)
-    optimizer, scheduler = bench.optimizer_and_schedule(model.parameters(), cell.net)
+    optimizer, scheduler = bench.optimizer_and_schedule(model.parameters(), cell.net, spec)
     progress = Progress(cell.seed)
     path = os.path.join(bench.cell_dir(cell), "checkpoint.pt")
     if os.path.exists(path):
@@ -305,7 +315,7 @@ def run_pruned_baseline(bench: Bench, cell: Cell, spec: dict) -> dict:
 
 
 # ----- EDropout ------------------------------------------------------------------------------------------------
-BENCH_SETTINGS = ("kind", "label", "min_iterations_fraction")  # method settings that are not EDropout's
+BENCH_SETTINGS = ("kind", "label", "min_iterations_fraction") + SCHEDULE_SETTINGS  # not EDropout's settings
 
 
 def edropout_settings(bench: Bench, spec: dict) -> dict:
@@ -327,7 +337,7 @@ def run_edropout(bench: Bench, cell: Cell, spec: dict) -> dict:
     model = bench.new_model(cell.net, cell.seed)
     settings = edropout_settings(bench, spec)
     pruner = EDropout(model, bench.example, seed=cell.seed, **settings)
-    optimizer, scheduler = bench.optimizer_and_schedule(model.parameters(), cell.net)
+    optimizer, scheduler = bench.optimizer_and_schedule(model.parameters(), cell.net, spec)
     progress = Progress(cell.seed)
     history, converged_at = [], [None]
     path = os.path.join(bench.cell_dir(cell), "checkpoint.pt")
@@ -411,8 +421,10 @@ def run_cell(bench: Bench, cell: Cell, metadata: dict) -> dict | None:
     try:
         spec = bench.config["methods"][cell.method]
         result = RUNNERS[spec["kind"]](bench, cell, spec)
+        own = spec if spec["kind"] in ("dense", "edropout") else None  # the baselines continue the dense schedule
         record = {"net": cell.net, "method": cell.method, "kind": spec["kind"], "seed": cell.seed,
-                  "width": bench.config["networks"][cell.net]["width"], "epochs": bench.epochs, **metadata, **result}
+                  "width": bench.config["networks"][cell.net]["width"], "epochs": bench.epochs,
+                  "schedule": bench.schedule(cell.net, own), **metadata, **result}
         path = bench.result_path(cell)
         os.makedirs(os.path.dirname(path), exist_ok=True)
         with open(path + ".tmp", "w") as f:

@@ -16,7 +16,7 @@ CONFIG = {"data": "fashion-mnist", "validation_images": 96, "train_images": 256,
           "edropout": {"population_size": 4, "energy": "margin", "patience": 1, "min_iterations_fraction": 0.5},
           "methods": {"dense": {"kind": "dense"}, "l1": {"kind": "l1", "share": 0.5},
                       "torch_pruning": {"kind": "torch_pruning", "share": 0.5},
-                      "edropout_paper": {"kind": "edropout", "init_keep": 0.5},
+                      "edropout_paper": {"kind": "edropout", "init_keep": 0.5, "lr": 0.02},
                       "edropout_future": {"kind": "edropout", "an_argument_edropout_lacks": 1}},
           "networks": {"resnet18": {"width": 4, "seeds": [0]}, "squeezenet": {"width": 4, "seeds": [0]}},
           "floors": [{"what": "top1", "net": "resnet18", "method": "dense", "at_least": 91}]}
@@ -57,6 +57,9 @@ def test_accuracy_benchmark_runs_every_method_and_skips_done_cells(tmp_path):
         assert record["prune_epoch"] == 1 and len(record["val_curve"]) == 1
         # the exported size is counted independently of the benchmark's own arithmetic
         assert record["params"] == round(record["params_dense"] * (1 - record["params_removed"] / 100))
+    # a method's own schedule setting applies to that method only
+    assert json.loads((out / "cells" / "resnet18_edropout_paper_s0.json").read_text())["schedule"]["lr"] == 0.02
+    assert json.loads((out / "cells" / "resnet18_l1_s0.json").read_text())["schedule"]["lr"] == 0.05
     saved = json.loads((out / "smoke.json").read_text())
     assert saved["cells"]["resnet18_edropout_future_s0"].startswith("waiting")
     assert "PARTIAL: 8 of 10 cells done" in (out / "smoke.md").read_text()
