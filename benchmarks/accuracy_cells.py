@@ -318,10 +318,11 @@ def run_pruned_baseline(bench: Bench, cell: Cell, spec: dict) -> dict:
 BENCH_SETTINGS = ("kind", "label", "min_iterations_fraction") + SCHEDULE_SETTINGS  # not EDropout's settings
 
 
-def edropout_settings(bench: Bench, spec: dict) -> dict:
-    """The EDropout keyword arguments of a method: the config's shared ``edropout`` block, then the method's own
-    (``min_iterations_fraction`` of all iterations becomes ``min_iterations``; every other key goes to EDropout)."""
-    merged = {**bench.config.get("edropout", {}), **spec}
+def edropout_settings(bench: Bench, spec: dict, net: str) -> dict:
+    """The EDropout keyword arguments of a method: the config's shared ``edropout`` block, then the network's,
+    then the method's own (``min_iterations_fraction`` of all iterations becomes ``min_iterations``; every other
+    key goes to EDropout)."""
+    merged = {**bench.config.get("edropout", {}), **bench.config["networks"][net].get("edropout", {}), **spec}
     settings = {k: v for k, v in merged.items() if k not in BENCH_SETTINGS}
     settings["min_iterations"] = int(merged.get("min_iterations_fraction", 0.5) * bench.epochs * bench.per_epoch)
     return settings
@@ -335,7 +336,7 @@ def missing_arguments(settings: dict) -> list:
 
 def run_edropout(bench: Bench, cell: Cell, spec: dict) -> dict:
     model = bench.new_model(cell.net, cell.seed)
-    settings = edropout_settings(bench, spec)
+    settings = edropout_settings(bench, spec, cell.net)
     pruner = EDropout(model, bench.example, seed=cell.seed, **settings)
     optimizer, scheduler = bench.optimizer_and_schedule(model.parameters(), cell.net, spec)
     progress = Progress(cell.seed)
@@ -407,7 +408,7 @@ def cell_status(bench: Bench, cell: Cell) -> str:
     if spec["kind"] in PRUNERS and not os.path.exists(bench.snapshot_path(cell.net, cell.seed)):
         return f"waiting: needs the dense snapshot at epoch {bench.config['prune_epoch']}"
     if spec["kind"] == "edropout":
-        missing = missing_arguments(edropout_settings(bench, spec))
+        missing = missing_arguments(edropout_settings(bench, spec, cell.net))
         if missing:
             return f"waiting: this EDropout takes no {', '.join(missing)} argument"
     return "ready"

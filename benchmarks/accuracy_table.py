@@ -77,7 +77,8 @@ def _schedules(config) -> str:
     parts = []
     for net, spec in config["networks"].items():
         c = {**config, **spec}
-        parts.append(f"{net}: {c['optimizer']}, peak lr {c['lr']}, weight decay {c.get('weight_decay', 1e-5)}")
+        own = "".join(f", EDropout {k} {v}" for k, v in spec.get("edropout", {}).items())
+        parts.append(f"{net}: {c['optimizer']}, peak lr {c['lr']}, weight decay {c.get('weight_decay', 1e-5)}{own}")
     return "; ".join(parts)
 
 

@@ -18,7 +18,9 @@ CONFIG = {"data": "fashion-mnist", "validation_images": 96, "train_images": 256,
                       "torch_pruning": {"kind": "torch_pruning", "share": 0.5},
                       "edropout_paper": {"kind": "edropout", "init_keep": 0.5, "lr": 0.02},
                       "edropout_future": {"kind": "edropout", "an_argument_edropout_lacks": 1}},
-          "networks": {"resnet18": {"width": 4, "seeds": [0]}, "squeezenet": {"width": 4, "seeds": [0]}},
+          "networks": {"resnet18": {"width": 4, "seeds": [0]},
+                       "squeezenet": {"width": 4, "seeds": [0], "optimizer": "adadelta", "lr": 1.0,
+                                      "edropout": {"energy": "cross_entropy"}}},
           "floors": [{"what": "top1", "net": "resnet18", "method": "dense", "at_least": 91}]}
 
 
@@ -60,6 +62,12 @@ def test_accuracy_benchmark_runs_every_method_and_skips_done_cells(tmp_path):
     # a method's own schedule setting applies to that method only
     assert json.loads((out / "cells" / "resnet18_edropout_paper_s0.json").read_text())["schedule"]["lr"] == 0.02
     assert json.loads((out / "cells" / "resnet18_l1_s0.json").read_text())["schedule"]["lr"] == 0.05
+    # a network's own settings apply to every method of that network (a method's own still win)
+    squeeze = json.loads((out / "cells" / "squeezenet_edropout_paper_s0.json").read_text())
+    assert squeeze["settings"]["energy"] == "cross_entropy" and squeeze["schedule"]["optimizer"] == "adadelta"
+    assert squeeze["schedule"]["lr"] == 0.02
+    assert json.loads((out / "cells" / "squeezenet_dense_s0.json").read_text())["schedule"]["lr"] == 1.0
+    assert json.loads((out / "cells" / "resnet18_edropout_paper_s0.json").read_text())["settings"]["energy"] == "margin"
     saved = json.loads((out / "smoke.json").read_text())
     assert saved["cells"]["resnet18_edropout_future_s0"].startswith("waiting")
     assert "PARTIAL: 8 of 10 cells done" in (out / "smoke.md").read_text()
