@@ -100,12 +100,12 @@ class Bench:
         optimizer = make_optimizer(c["optimizer"], params, c["lr"], c["weight_decay"])
         return optimizer, one_cycle(optimizer, c["lr"], self.epochs * self.per_epoch, c["pct_start"])
 
-    def evaluate_all(self, model, context_factory=None) -> dict:
-        """Top-1/Top-5 on validation (always) and test (only if the config reports it)."""
-        ctx = context_factory or (lambda: None)
-        out = {"val": list(evaluate(model, self.val_x, self.val_y, context=ctx()))}
+    def evaluate_all(self, model) -> dict:
+        """Top-1/Top-5 on validation (always) and test (unless the config says ``evaluate_test: false``, as the
+        ablation does: its choices must never see the test set)."""
+        out = {"val": list(evaluate(model, self.val_x, self.val_y))}
         if self.config.get("evaluate_test", True):
-            out["test"] = list(evaluate(model, self.train.test_x, self.train.test_y, context=ctx()))
+            out["test"] = list(evaluate(model, self.train.test_x, self.train.test_y))
         return out
 
 
@@ -167,6 +167,7 @@ class Progress:
 
 
 def _load(path: str) -> dict:
+    """A checkpoint of this benchmark (tensors, numbers, lists and dicts only)."""
     return torch.load(path, map_location="cpu", weights_only=True)
 
 
@@ -186,6 +187,7 @@ def _train_epochs(bench: Bench, progress: Progress, step, scheduler, last_epoch:
 
 
 def _plain_step(model, optimizer):
+    """One ordinary cross-entropy training step of ``model`` (dense training and fine-tuning)."""
     def step(x, y):
         loss = torch.nn.functional.cross_entropy(model(x), y)
         optimizer.zero_grad(set_to_none=True)
@@ -213,6 +215,7 @@ def _size_figures(bench: Bench, dense, small, classifier: str) -> dict:
 
 # ----- dense ---------------------------------------------------------------------------------------------------
 def run_dense(bench: Bench, cell: Cell, spec: dict) -> dict:
+    """Plain training for all epochs; keeps the checkpoint at ``prune_epoch`` for the pruning baselines."""
     model = bench.new_model(cell.net, cell.seed)
     optimizer, scheduler = bench.optimizer_and_schedule(model.parameters(), cell.net, spec)
     progress = Progress(cell.seed)
@@ -335,6 +338,7 @@ def missing_arguments(settings: dict) -> list:
 
 
 def run_edropout(bench: Bench, cell: Cell, spec: dict) -> dict:
+    """EDropout for all epochs from the dense run's initial weights; the exported network is evaluated."""
     model = bench.new_model(cell.net, cell.seed)
     settings = edropout_settings(bench, spec, cell.net)
     pruner = EDropout(model, bench.example, seed=cell.seed, **settings)
