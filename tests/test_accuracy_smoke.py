@@ -17,6 +17,7 @@ CONFIG = {"data": "fashion-mnist", "validation_images": 96, "train_images": 256,
           "methods": {"dense": {"kind": "dense"}, "l1": {"kind": "l1", "share": 0.5},
                       "torch_pruning": {"kind": "torch_pruning", "share": 0.5},
                       "edropout_paper": {"kind": "edropout", "init_keep": 0.5, "lr": 0.02},
+                      "edropout_target": {"kind": "edropout", "target": 0.5, "target_metric": "params"},
                       "edropout_future": {"kind": "edropout", "an_argument_edropout_lacks": 1}},
           "networks": {"resnet18": {"width": 4, "seeds": [0]},
                        "squeezenet": {"width": 4, "seeds": [0], "optimizer": "adadelta", "lr": 1.0,
@@ -50,7 +51,8 @@ def test_accuracy_benchmark_runs_every_method_and_skips_done_cells(tmp_path):
     out = tmp_path / "out"
     assert set(table) == {"resnet18", "squeezenet"}
     for net, row in table.items():
-        assert set(row) == {"dense", "l1", "torch_pruning", "edropout_paper"}
+        assert set(row) == {"dense", "l1", "torch_pruning", "edropout_paper", "edropout_target"}
+        assert abs(row["edropout_target"]["params_removed"][0] - 50) <= 2
         assert row["dense"]["params_removed"][0] == 0
         # both baselines are matched to the asked share of parameters removed (coarse at width 4)
         for method in ("l1", "torch_pruning"):
@@ -70,7 +72,7 @@ def test_accuracy_benchmark_runs_every_method_and_skips_done_cells(tmp_path):
     assert json.loads((out / "cells" / "resnet18_edropout_paper_s0.json").read_text())["settings"]["energy"] == "margin"
     saved = json.loads((out / "smoke.json").read_text())
     assert saved["cells"]["resnet18_edropout_future_s0"].startswith("waiting")
-    assert "PARTIAL: 8 of 10 cells done" in (out / "smoke.md").read_text()
+    assert "PARTIAL: 10 of 12 cells done" in (out / "smoke.md").read_text()
     for name in ("smoke_accuracy_vs_params.png", "smoke_resnet18_val_curves.png",
                  "smoke_resnet18_edropout_paper_energy.png"):
         assert (out / name).stat().st_size > 0
