@@ -1,174 +1,139 @@
-"""Accuracy benchmark on Fashion-MNIST: dense baseline vs EDropout vs L1 magnitude filter pruning.
+"""Accuracy benchmark on Fashion-MNIST: dense vs EDropout vs L1 and Torch-Pruning filter pruning + fine-tune.
 
-For every network and seed of a config file: train the dense baseline; train with EDropout; prune the trained
-baseline by L1 filter norm to the share of parameters EDropout removed and fine-tune it for as many epochs as
-EDropout trained after its state froze. Writes ``accuracy_<config>.{json,md}`` and plots under ``--out``.
+The training images are split, with a fixed seed, into training and validation images (the paper's 54,000 /
+6,000); every choice is made on validation and the test images are only reported. Each (network, method,
+seed) cell trains for the same number of epochs on one one-cycle schedule, checkpoints every epoch, and
+writes ``<out>/cells/<cell>.json`` once done; a done cell is skipped, a killed one resumes from its last epoch,
+so a long table is finished over several sittings. After every cell the table (``<out>/<config>.{md,json}``
+and plots) is rebuilt from the cells done so far, marked partial until all are.
 
-    python benchmarks/accuracy_fashion_mnist.py --config benchmarks/configs/accuracy_cpu.json
+    export PYTHONPATH=$PWD
+    python benchmarks/accuracy_fashion_mnist.py --config benchmarks/configs/accuracy_cpu_full.json
+    python benchmarks/accuracy_fashion_mnist.py --config ... --cells 'resnet18:edropout_*:*'   # some cells only
+    python benchmarks/accuracy_fashion_mnist.py --config ... --table-only                      # rebuild the table
 """
 from __future__ import annotations
 
+import argparse
+import fnmatch
 import json
-import math
 import os
-import statistics
+import shlex
+import subprocess
 import sys
-import time
 
-import torch
+# Idle OpenMP threads sleep instead of spinning: on a machine shared with other jobs, spinning threads that get
+# descheduled made a 2-thread training step 8x slower than with this setting (measured: 7.6 s vs 0.9 s per
+# ResNet-18 w16 step at load average 11). Read by OpenMP when torch starts, so set before importing torch.
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
-from edropout.app.data import load_benchmark_data
-from edropout.export import export_pruned
-from edropout.flops import count_flops, count_parameters
-from edropout.magnitude_pruning import magnitude_state_for_rate
-from edropout.app.models import build_model
-from edropout.app.report import benchmark_setup, figure, plot_history, run_metadata
-from edropout.app.training import evaluate, make_optimizer, train_edropout, train_plain
+import torch  # noqa: E402
 
-METHODS = ("dense", "edropout", "l1")
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
+from accuracy_cells import Bench, cell_status, run_cell  # noqa: E402
+from accuracy_table import write_table  # noqa: E402
+from edropout.app.data import load_dataset, split_validation  # noqa: E402
+from edropout.app.report import run_metadata  # noqa: E402
 
-def run_one(net, width, seed, data, config, device):
-    """Dense, EDropout and L1 results for one network and seed."""
-    kwargs = dict(in_channels=data.in_channels, input_size=data.input_size, num_classes=data.num_classes,
-                  width=width)
-    epochs, batch_size = config["epochs"], config["batch_size"]
-    example = data.train_x[:2].to(device)
-    torch.manual_seed(seed)
-    dense = build_model(net, **kwargs).to(device)
-    initial = {k: v.clone() for k, v in dense.state_dict().items()}
-    dense_flops, dense_params = count_flops(dense, example), count_parameters(dense)
-    start = time.perf_counter()
-    train_plain(dense, make_optimizer(config["optimizer"], dense.parameters()), data.train_x, data.train_y,
-                epochs, batch_size, seed)
-    results = {"dense": {"top": evaluate(dense, data.test_x, data.test_y), "seconds": time.perf_counter() - start,
-                         "params_removed": 0.0, "flops_removed": 0.0}}
-
-    model = build_model(net, **kwargs).to(device)
-    model.load_state_dict(initial)  # the same initial weights as the baseline
-    per_epoch = len(data.train_y) // batch_size
-    pruner, run, seconds = train_edropout(model, example, data, config, seed)
-    small = pruner.export()
-    rate = pruner.pruning_rate
-    converged_at = run.converged_at or pruner.iteration
-    finetune_epochs = max(1, math.ceil((pruner.iteration - converged_at) / per_epoch))
-    results["edropout"] = {
-        "top": evaluate(model, data.test_x, data.test_y, context=pruner.apply()),
-        "top_F": evaluate(model, data.test_x, data.test_y, context=pruner.full_network()), "seconds": seconds,
-        "params_removed": 100 * rate, "flops_removed": 100 * (1 - count_flops(small, example) / dense_flops),
-        "converged_at_iteration": run.converged_at, "iterations": pruner.iteration,
-        "post_convergence_epochs": finetune_epochs}
-
-    state = magnitude_state_for_rate(dense, pruner.units, rate, norm="l1")
-    pruned = export_pruned(dense, pruner.units, state, example)
-    start = time.perf_counter()
-    train_plain(pruned, make_optimizer(config["optimizer"], pruned.parameters()), data.train_x, data.train_y,
-                finetune_epochs, batch_size, seed + 1)
-    results["l1"] = {"top": evaluate(pruned, data.test_x, data.test_y), "seconds": time.perf_counter() - start,
-                     "params_removed": 100 * (1 - count_parameters(pruned) / dense_params),
-                     "flops_removed": 100 * (1 - count_flops(pruned, example) / dense_flops),
-                     "finetune_epochs": finetune_epochs}
-    return results, run.history, run.converged_at
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
-def _mean_std(values):
-    return (statistics.mean(values), statistics.stdev(values) if len(values) > 1 else 0.0)
+def parse_args(argv):
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--config", required=True)
+    parser.add_argument("--out", default=None, help="results directory (default benchmarks/results/<config>)")
+    parser.add_argument("--checkpoints", default=None, help="checkpoint directory (default runs/accuracy/<config>)")
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--cells", default="*:*:*",
+                        help="comma-separated net:method:seed patterns (shell wildcards) of the cells to run")
+    parser.add_argument("--table-only", action="store_true", help="only rebuild the table from the done cells")
+    return parser.parse_args(argv)
 
 
-def summarise(raw):
-    """Mean and std over seeds of every figure, per network and method."""
-    table = {}
-    for net, runs in raw.items():
-        table[net] = {}
-        for method in METHODS:
-            rows = [r[method] for r in runs]
-            table[net][method] = {
-                "top1": _mean_std([r["top"][0] for r in rows]), "top5": _mean_std([r["top"][1] for r in rows]),
-                "params_removed": _mean_std([r["params_removed"] for r in rows]),
-                "flops_removed": _mean_std([r["flops_removed"] for r in rows]),
-                "seconds": _mean_std([r["seconds"] for r in rows])}
-            if method == "edropout":
-                table[net][method]["top1_F"] = _mean_std([r["top_F"][0] for r in rows])
-    return table
+def load_splits(config):
+    """Training data (with the test set) and the validation images, cut to the config's sizes if given."""
+    data = load_dataset(config.get("data", "fashion-mnist"), config.get("data_dir"))
+    data, val_x, val_y = split_validation(data, config["validation_images"], config.get("split_seed", 0))
+    if config.get("train_images"):
+        data.train_x, data.train_y = data.train_x[:config["train_images"]], data.train_y[:config["train_images"]]
+    if config.get("test_images"):
+        data.test_x, data.test_y = data.test_x[:config["test_images"]], data.test_y[:config["test_images"]]
+    return data, val_x, val_y
 
 
-def floors(table):
-    """The issue's floors, checked on the means (a missed floor is reported, never hidden)."""
-    checks = []
-    for net, row in table.items():
-        drop1 = row["dense"]["top1"][0] - row["edropout"]["top1"][0]
-        drop5 = row["dense"]["top5"][0] - row["edropout"]["top5"][0]
-        removed = row["edropout"]["params_removed"][0]
-        checks.append((f"{net}: >= 40% removed, <= 3 pt Top-1 and <= 1 pt Top-5 drop",
-                       removed >= 40 and drop1 <= 3 and drop5 <= 1))
-        if net == "resnet18":
-            checks.append(("resnet18: >= 50% removed with <= 1.0 pt Top-1 drop, above L1 at the same share",
-                           removed >= 50 and drop1 <= 1.0 and row["edropout"]["top1"][0] > row["l1"]["top1"][0]))
-    return checks
+def _commit():
+    try:
+        return subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True,
+                              check=True).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        return None
 
 
-def markdown(table, meta, checks):
-    fmt = lambda ms: f"{ms[0]:.2f} ± {ms[1]:.2f}"
-    lines = [f"# Fashion-MNIST accuracy: {meta['config']}", "",
-             f"Machine: {meta['machine']}; torch {meta['torch']}; {meta['date']}; seeds {meta['seeds']}; "
-             f"{meta['epochs']} epochs; {meta['train_images']} train / {meta['test_images']} test images.", "",
-             "| net | method | Top-1 | Top-5 | % params removed | % FLOPs removed | train time (s) |",
-             "|---|---|---|---|---|---|---|"]
-    names = {"dense": "dense baseline", "edropout": "EDropout (P)", "l1": "L1 filter pruning + fine-tune"}
-    for net, row in table.items():
-        for method in METHODS:
-            r = row[method]
-            lines.append(f"| {net} | {names[method]} | {fmt(r['top1'])} | {fmt(r['top5'])} | "
-                         f"{fmt(r['params_removed'])} | {fmt(r['flops_removed'])} | {fmt(r['seconds'])} |")
-        lines.append(f"| {net} | EDropout (F), all units kept | {fmt(row['edropout']['top1_F'])} | | | | |")
-    lines += ["", "Floors (on the means):", ""]
-    lines += [f"- {'met' if ok else 'MISSED'}: {text}" for text, ok in checks]
-    return "\n".join(lines) + "\n"
+def _selected(cell, patterns):
+    return any(fnmatch.fnmatch(f"{cell.net}:{cell.method}:{cell.seed}", p.strip()) for p in patterns.split(","))
 
 
-def plot_accuracy(table, path):
-    with figure(path, (6, 4)) as (fig, ax):
-        for method, marker in zip(METHODS, "osD"):
-            xs = [100 - table[n][method]["params_removed"][0] for n in table]
-            ys = [table[n][method]["top1"][0] for n in table]
-            ax.scatter(xs, ys, marker=marker, label=method)
-            for n, x, y in zip(table, xs, ys):
-                ax.annotate(n, (x, y), fontsize=7)
-        ax.set_xlabel("% of parameters kept")
-        ax.set_ylabel("Top-1 (%)")
-        ax.legend()
+def _status_text(bench, cell):
+    status = cell_status(bench, cell)
+    progress = os.path.join(bench.cell_dir(cell), "progress.json")
+    if status != "done" and os.path.exists(progress):
+        with open(progress) as f:
+            p = json.load(f)
+        curve = f", validation Top-1 {p['val_curve'][-1]:.2f}" if p["val_curve"] else ""
+        return f"in progress: epoch {p['epoch']} of {p['epochs']}{curve}" + \
+            ("" if status == "ready" else f"; {status}")
+    return "not started" if status == "ready" else status
+
+
+def rebuild_table(bench, name, command):
+    records, statuses = {}, {}
+    for cell in bench.cells():
+        path = bench.result_path(cell)
+        if os.path.exists(path):
+            with open(path) as f:
+                records[(cell.net, cell.method, cell.seed)] = json.load(f)
+        statuses[cell.name] = _status_text(bench, cell)
+    dates = sorted({r["date"] for r in records.values()})
+    meta = {**run_metadata(name, bench.device), "command": command,
+            "dates": (dates[0] if len(dates) == 1 else f"{dates[0]} to {dates[-1]}") if dates else "no cell done",
+            "train_images": len(bench.train.train_y), "val_images": len(bench.val_y),
+            "test_images": len(bench.train.test_y)}
+    return write_table(bench.config, meta, records, statuses, bench.results_dir, name)
 
 
 def main(argv=None):
-    args, config, name, device = benchmark_setup(argv, __doc__.splitlines()[0],
-                                                 os.path.join(os.path.dirname(__file__), "results"))
-    data = load_benchmark_data(config)
-    raw, first_history = {}, None
-    for net, width in config["networks"].items():
-        raw[net] = []
-        for seed in config["seeds"]:
-            result, history, converged_at = run_one(net, width, seed, data, config, device)
-            raw[net].append(result)
-            print(f"{net} seed {seed}: " + ", ".join(f"{m} {result[m]['top'][0]:.2f}" for m in METHODS)
-                  + f"; removed {result['edropout']['params_removed']:.1f}%", file=sys.stderr)
-            if first_history is None:
-                first_history = (net, history, converged_at)
-    table = summarise(raw)
-    checks = floors(table)
-    meta = {**run_metadata(name, device), "seeds": config["seeds"], "epochs": config["epochs"],
-            "train_images": len(data.train_y), "test_images": len(data.test_y)}
-    os.makedirs(args.out, exist_ok=True)
-    base = os.path.join(args.out, f"accuracy_{name}")
-    with open(base + ".json", "w") as f:
-        json.dump({"meta": meta, "config": config, "table": table, "runs": raw,
-                   "floors": [{"floor": t, "met": ok} for t, ok in checks]}, f, indent=2)
-    with open(base + ".md", "w") as f:
-        f.write(markdown(table, meta, checks))
-    plot_accuracy(table, base + "_accuracy_vs_params.png")
-    net, history, converged_at = first_history
-    plot_history(history, args.out, converged_at, prefix=f"accuracy_{name}_{net}_", energy=config["energy"])
-    print(markdown(table, meta, checks))
-    return table
+    args = parse_args(argv)
+    with open(args.config) as f:
+        config = json.load(f)
+    if config.get("threads"):
+        torch.set_num_threads(config["threads"])
+    name = os.path.splitext(os.path.basename(args.config))[0]
+    out = args.out or os.path.join(ROOT, "benchmarks", "results", name)
+    checkpoints = args.checkpoints or os.path.join(ROOT, "runs", "accuracy", name)
+    data, val_x, val_y = load_splits(config)
+    device = torch.device(args.device)
+    bench = Bench(config, data, val_x, val_y, device, out, checkpoints)
+    command = f"python benchmarks/accuracy_fashion_mnist.py --config {shlex.quote(os.path.relpath(args.config, ROOT))}"
+    if not args.table_only:
+        metadata = {**run_metadata(name, device), "commit": _commit()}
+        for cell in bench.cells():
+            if not _selected(cell, args.cells):
+                continue
+            status = cell_status(bench, cell)
+            if status != "ready":
+                print(f"{cell.name}: {status}", file=sys.stderr, flush=True)
+                continue
+            print(f"{cell.name}: running", file=sys.stderr, flush=True)
+            record = run_cell(bench, cell, metadata)
+            if record is None:
+                print(f"{cell.name}: held by another process, skipped", file=sys.stderr, flush=True)
+                continue
+            split = "test" if "test" in record else "val"
+            print(f"{cell.name}: done, {split} Top-1 {record[split][0]:.2f}, {record['params_removed']:.1f} % of "
+                  f"parameters removed, {record['seconds'] / 60:.1f} min", file=sys.stderr, flush=True)
+            rebuild_table(bench, name, command)
+    return rebuild_table(bench, name, command)
 
 
 if __name__ == "__main__":

@@ -162,6 +162,19 @@ def load_dataset(name: str, data_dir: str | None = None, limit: int | None = Non
     return data
 
 
+def split_validation(data: Dataset, count: int, seed: int = 0):
+    """Hold out ``count`` training images, chosen by a fixed permutation from ``seed``, as a validation set.
+
+    Returns ``(data with the remaining training images, val_x, val_y)``; the test images are untouched (the
+    paper's Fashion-MNIST split is 54,000 train / 6,000 validation / 10,000 test)."""
+    if not 0 < count < len(data.train_y):
+        raise ValueError(f"validation_images must lie in (0, {len(data.train_y)}) for this data set, got {count}")
+    order = torch.randperm(len(data.train_y), generator=torch.Generator().manual_seed(seed))
+    held, kept = order[:count], order[count:]
+    rest = Dataset(data.name, data.train_x[kept], data.train_y[kept], data.test_x, data.test_y, data.num_classes)
+    return rest, data.train_x[held], data.train_y[held]
+
+
 def load_benchmark_data(config: dict) -> Dataset:
     """A benchmark config's data set (``data``, default Fashion-MNIST; ``data_dir``) cut to its first
     ``train_images`` / ``test_images`` images when those are given: the quick CPU runs use a subset."""

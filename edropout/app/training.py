@@ -63,6 +63,15 @@ def make_optimizer(name: str, params, lr=None, weight_decay=1e-5):
     raise ValueError(f"unknown optimizer {name!r}: use adadelta, sgd or adam")
 
 
+def one_cycle(optimizer, max_lr: float, total_steps: int, pct_start: float = 0.3):
+    """The one-cycle schedule, stepped once per iteration: the learning rate warms up to ``max_lr`` over the
+    first ``pct_start`` of ``total_steps`` and anneals (cosine) to about zero; momentum (SGD) or beta1 (Adam)
+    cycles the other way. It reaches a good network in far fewer epochs than a step schedule."""
+    cycle_momentum = optimizer.defaults.get("momentum", 0) > 0 or "betas" in optimizer.defaults
+    return torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr, total_steps=total_steps, pct_start=pct_start,
+                                               cycle_momentum=cycle_momentum)
+
+
 def rng_states() -> dict:
     """The global random states a run consumes (torch CPU and CUDA, numpy, Python), as tensors and plain values
     so that a checkpoint holding them loads with ``weights_only=True``."""
