@@ -83,6 +83,9 @@ class EDropout:
         # the engine sees logits whatever the model returns; the wrapper shares the model's modules
         self.model = model if output_to_logits is None else LogitsOf(model, output_to_logits)
         self.on_nonfinite = check_on_nonfinite(on_nonfinite)
+        if self.parallelism is not None and self.on_nonfinite == "skip":
+            raise ValueError("on_nonfinite='skip' cannot be used across ranks: each rank checks its own batch, so "
+                             "ranks would skip different iterations and wait for each other forever; use 'raise'")
         self.skipped_batches = 0
         self._checked_optimizer = None
         self.example_inputs = example_inputs

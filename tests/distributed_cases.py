@@ -152,6 +152,16 @@ def other_batches_case(rank, world):
     return None
 
 
+def skip_case(rank, world):
+    """on_nonfinite='skip' is refused across ranks (a rank skipping alone would leave the others waiting)."""
+    x, _ = batch(4)
+    try:
+        EDropout(model(), x[:2], population_size=4, backend="reference", on_nonfinite="skip")
+    except ValueError as exc:
+        return str(exc)
+    return None
+
+
 def settings_case(rank, world):
     """Ranks built with different population sizes must both get a clear error at construction."""
     x, _ = batch(4)
@@ -244,6 +254,7 @@ def run_all(rank, world, directory):
     out["bare_model"] = bare_model_case(rank, world)
     out["hooked"] = hooked_case(rank, world)
     out["other_batches"] = other_batches_case(rank, world)
+    out["skip"] = skip_case(rank, world)
     out["cli"] = cli_case(rank, world, directory)
     return out
 

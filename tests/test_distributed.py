@@ -159,6 +159,11 @@ def test_population_mode_refuses_different_batches_on_every_rank(ranks):
         assert "hold different batches" in ranks[r]["other_batches"]
 
 
+def test_skipping_nonfinite_batches_is_refused_across_ranks(ranks):
+    for r in range(WORLD):
+        assert "on_nonfinite='skip' cannot be used across ranks" in ranks[r]["skip"]
+
+
 def test_ranks_with_different_settings_are_refused_at_construction(ranks):
     for r in range(WORLD):
         assert "disagree on population_size" in ranks[r]["settings"]
