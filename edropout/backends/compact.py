@@ -57,9 +57,10 @@ def plan_for(model: nn.Module, units, x: torch.Tensor, batch_statistics: bool, t
 
 
 def _has_hooks(model, plan) -> bool:
-    """User hooks on modules the interpreter bypasses (Conv/Linear/BatchNorm are run functionally)."""
+    """User hooks on modules the interpreter bypasses: Conv/Linear/BatchNorm are run functionally, and the model
+    itself is never called (the traced graph runs in its place), so a hook on the top-level module counts too."""
     modules = dict(model.named_modules())
-    return has_forward_hooks(modules[name] for name in plan.modules)
+    return has_forward_hooks([model] + [modules[name] for name in plan.modules])
 
 
 class CompactBackend(BatchedBackend):
