@@ -12,6 +12,7 @@ from edropout.magnitude_pruning import magnitude_state_for_rate
 from edropout.size_target import TOLERANCE, SizeMeasure, SizeTarget
 from edropout.units import discover_units
 from nets import randomise_bn, small_net
+from tolerances import assert_close
 
 
 class BranchNet(nn.Module):
@@ -253,7 +254,7 @@ def test_penalty_adds_the_weighted_distance_outside_the_band_and_does_not_repair
     states = torch.cat([plain.population, _states(plain.units, 2, 0.72, seed=9)])
     share = plain.units.pruning_rate(states)  # counted by the units, not by the size-target module
     expected = plain.score_states(states, x, y).double() + 3.0 * ((share - 0.5).abs() - TOLERANCE).clamp(min=0)
-    assert torch.allclose(penalised.score_states(states, x, y).double(), expected, atol=1e-5)
+    assert_close(penalised.score_states(states, x, y), expected)  # float32 energies
 
 
 def test_magnitude_pruning_matches_a_flops_share(batch):
