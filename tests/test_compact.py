@@ -171,10 +171,10 @@ def test_fallback_when_fx_cannot_trace(batch, monkeypatch):
     x, y = batch
     model = randomise_bn(small_net("resnet18"))
 
-    def fail(_model):
+    def fail(_tracer, _model, *args, **kwargs):
         raise RuntimeError("symbolically traced variables cannot be used as inputs to control flow")
 
-    monkeypatch.setattr(torch.fx, "symbolic_trace", fail)
+    monkeypatch.setattr(torch.fx.Tracer, "trace", fail)
     pruner = EDropout(model, x[:2], backend="compact")
     states = _states(pruner)
     with pytest.warns(RuntimeWarning, match="batched backend"):

@@ -103,7 +103,7 @@ BINARY_METHODS = {"add": "add", "add_": "add", "sub": "sub", "sub_": "sub", "mul
                   "div": "div", "div_": "div", "true_divide": "div"}
 CAT_FUNCTIONS = {torch.cat, torch.concat, torch.concatenate}
 SHAPE_METHODS = {"size", "dim", "numel"}
-_MODULE_KINDS = {"conv", "linear", "bn", "zero_module", "pool_module", "flatten_module", "module"}
+_MODULE_KINDS = {"conv", "linear", "bn", "norm_module", "zero_module", "pool_module", "flatten_module", "module"}
 
 
 def _method_caller(name):
@@ -111,6 +111,21 @@ def _method_caller(name):
         return getattr(x, name)(*args, **kwargs)
 
     return call
+
+
+def stock(module: nn.Module) -> bool:
+    """Whether a Conv/Linear/BatchNorm computes exactly what its torch.nn class computes (no subclass forward such
+    as timm's ``BatchNormAct2d`` or ``Conv2dSame``, no replaced forward): only then is it run functionally."""
+    base = next(b for b in _CONV + (nn.Linear,) + _NORM if isinstance(module, b))
+    return "forward" not in vars(module) and type(module).forward is base.forward
+
+
+class _Tracer(fx.Tracer):
+    """fx's tracer, with every Conv/Linear/BatchNorm (subclasses included) kept as one call: mask points must be
+    module calls, and a subclass's extra work (an activation inside a BatchNorm) then runs as its own forward."""
+
+    def is_leaf_module(self, m: nn.Module, module_qualified_name: str) -> bool:
+        return isinstance(m, _CONV + (nn.Linear,) + _NORM) or super().is_leaf_module(m, module_qualified_name)
 
 
 def classify(node: fx.Node, modules: dict):
@@ -121,10 +136,10 @@ def classify(node: fx.Node, modules: dict):
     if op == "call_module":
         mod = modules[target]
         if isinstance(mod, _NORM):
-            return "bn", target
-        if isinstance(mod, _CONV) and mod.groups == 1:
+            return ("bn" if stock(mod) else "norm_module"), target
+        if isinstance(mod, _CONV) and mod.groups == 1 and stock(mod):
             return "conv", target
-        if isinstance(mod, nn.Linear):
+        if isinstance(mod, nn.Linear) and stock(mod):
             return "linear", target
         if type(mod) in ZERO_MODULES:
             return "zero_module", target
@@ -174,7 +189,7 @@ def trace(model: nn.Module, training: bool = False) -> fx.Graph:
     """The model's fx graph, traced in eval mode, or in train mode for a training plan: training flags read while
     tracing (``F.dropout(x, p, self.training)``) are baked into the graph."""
     with all_modules_in(model, training):
-        return fx.symbolic_trace(model).graph
+        return _Tracer().trace(model)
 
 
 def _mutates(node: fx.Node, modules: dict) -> bool:
