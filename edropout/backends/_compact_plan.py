@@ -15,6 +15,8 @@ Anything the plan cannot represent exactly raises ``CompactUnsupported`` and the
 from __future__ import annotations
 
 import builtins
+import contextlib
+import itertools
 import operator
 
 import torch
@@ -185,11 +187,36 @@ def classify(node: fx.Node, modules: dict):
     return "method", target
 
 
+@contextlib.contextmanager
+def _untouched(model: nn.Module):
+    """Within the block the model's buffers and the random state may move; on exit both are as they were."""
+    buffers = [(b, b.clone()) for b in model.buffers()]
+    cuda = sorted({t.device.index or 0 for t in itertools.chain(model.parameters(), model.buffers()) if t.is_cuda})
+    with torch.random.fork_rng(devices=cuda):
+        try:
+            yield
+        finally:
+            with torch.no_grad():
+                for b, saved in buffers:
+                    b.copy_(saved)
+
+
 def trace(model: nn.Module, training: bool = False) -> fx.Graph:
-    """The model's fx graph, traced in eval mode, or in train mode for a training plan: training flags read while
-    tracing (``F.dropout(x, p, self.training)``) are baked into the graph."""
-    with all_modules_in(model, training):
-        return _Tracer().trace(model)
+    """The model's fx graph, traced in eval mode for scoring, or in each module's own mode for a training plan:
+    training flags read while tracing (``F.dropout(x, p, self.training)``, torchvision's fx-wrapped
+    ``stochastic_depth(x, p, mode, self.training)``) are baked into the graph, so a training plan holds only for
+    the modes it was traced in (``compact.plan_for`` keys it by them). A model that draws random numbers while
+    being traced would have them baked in as constants: refused."""
+    state = torch.get_rng_state()
+    with contextlib.ExitStack() as stack:
+        if not training:
+            stack.enter_context(all_modules_in(model, False))
+        stack.enter_context(_untouched(model))
+        graph = _Tracer().trace(model)
+        if not torch.equal(torch.get_rng_state(), state):
+            raise CompactUnsupported("the model draws random numbers while torch.fx traces it (they would become "
+                                     "constants of the graph)")
+    return graph
 
 
 def _mutates(node: fx.Node, modules: dict) -> bool:
@@ -208,8 +235,8 @@ def _shapes(model: nn.Module, graph: fx.Graph, example: torch.Tensor) -> dict:
     """Shape of each node's tensor value on ``example`` (eval mode, no gradients); {} if that fails."""
     from torch.fx.passes.shape_prop import ShapeProp
 
-    try:
-        with torch.no_grad(), all_modules_in(model, False):
+    try:  # a training graph may hold baked train-mode ops (dropout): they must not move the RNG or statistics
+        with torch.no_grad(), all_modules_in(model, False), _untouched(model):
             ShapeProp(fx.GraphModule(model, graph)).propagate(example)
         return {n: tuple(n.meta["tensor_meta"].shape) for n in graph.nodes
                 if hasattr(n.meta.get("tensor_meta"), "shape")}
@@ -226,6 +253,8 @@ def build_plan(model: nn.Module, units: PrunableUnits, example: torch.Tensor, ba
     in-place ops and no folded BatchNorm."""
     try:
         graph = trace(model, training)
+    except CompactUnsupported:
+        raise
     except Exception as exc:
         raise CompactUnsupported(f"torch.fx could not trace the model ({type(exc).__name__}: {exc})") from exc
     modules = dict(model.named_modules())
