@@ -97,7 +97,7 @@ class OddNet(nn.Module):
         h = F.relu(self.bn(self.conv(x)))
         s = torch.sigmoid(self.gate(h.mean((2, 3))))
         h = h * s.view(h.size(0), h.shape[1], 1, 1)
-        h = h + torch.sigmoid(h)
+        h = h + torch.sigmoid(h) * h  # sigmoid alone would revive pruned channels (0 -> 0.5): not removable
         h = self.conv2(self.dw(h)) + h
         h = torch.cat([h, torch.tanh(self.side(x))], dim=1)
         h = F.max_pool2d(h, 2)
