@@ -26,6 +26,14 @@ _PRODUCERS = _CONV + (nn.Linear,)
 _ROUTING_OPS = {"_ElementWiseOp", "_ConcatOp", "_SplitOp", "_ReshapeOp"}
 
 
+def stock_forward(module: nn.Module) -> bool:
+    """Whether a Conv/Linear/BatchNorm computes exactly what its torch.nn class computes (no subclass forward such
+    as timm's ``BatchNormAct2d`` or ``Conv2dSame``, no replaced forward): only then may a backend compute it
+    functionally instead of calling it."""
+    base = next((b for b in _PRODUCERS + _NORM if isinstance(module, b)), None)
+    return base is not None and "forward" not in vars(module) and type(module).forward is base.forward
+
+
 @dataclass
 class MaskPoint:
     """A module whose output is multiplied by the keep-mask: ``index[c]`` is channel c's bit (D = never pruned)."""
@@ -215,37 +223,35 @@ def _removable(model, example_inputs, groups, units):
     torch-pruning maps channels through reshapes as if they kept their order; a channel shuffle (view, transpose,
     view) moves them, and an op that maps 0 to a non-zero value (a sigmoid between a mask and the next layer)
     revives them. Either way removing the channel would change the network, so the masked model and the export
-    would differ. One masked forward of two complementary random states finds such bits; their groups are left
+    would differ. Masked forwards of two complementary random states find such bits; their groups are left
     unpruned, with a warning."""
     if not torch.is_tensor(example_inputs) or example_inputs.shape[0] == 0:
         return groups
     from .masking import masked  # masking builds on this module
 
     half = torch.rand(units.num_units, generator=torch.Generator().manual_seed(0)) < 0.5
-    states = torch.stack([half, ~half]).to(example_inputs.device)
-    ext = units.extended(states)
     revived = set()
-
-    def check(dim, index):
-        def hook(module, inputs):
-            x = inputs[0] if inputs and torch.is_tensor(inputs[0]) else None
-            if x is None or x.dim() < 2 or x.shape[0] % 2:
-                return
-            rows = x.movedim(dim, -1).reshape(2, -1, x.shape[dim]).abs().amax(dim=1)
-            live = (rows > 0) & ~ext[:, index.to(ext.device)]
-            revived.update(index[live.any(dim=0).cpu()].tolist())
-        return hook
-
     modules = dict(model.named_modules())
-    hooks = [modules[name].register_forward_pre_hook(check(dim, index))
-             for name, (dim, index) in _consumers(model, units).items()]
-    xs = example_inputs.repeat((2,) + (1,) * (example_inputs.dim() - 1))
-    try:
-        with masked(model, units, states):
-            model_outputs(model, xs)
-    finally:
-        for h in hooks:
-            h.remove()
+    for state in (half, ~half):  # one forward per state: a model may mix the rows of its batch
+        pruned = ~units.extended(state[None].to(example_inputs.device))[0]
+
+        def check(dim, index):
+            def hook(module, inputs):
+                x = inputs[0] if inputs and torch.is_tensor(inputs[0]) else None
+                if x is None or x.dim() < 2:
+                    return
+                live = (x.movedim(dim, -1).reshape(-1, x.shape[dim]).abs().amax(dim=0) > 0) & pruned[index]
+                revived.update(index[live].tolist())
+            return hook
+
+        hooks = [modules[name].register_forward_pre_hook(check(dim, index.to(pruned.device)))
+                 for name, (dim, index) in _consumers(model, units).items()]
+        try:
+            with masked(model, units, state.to(example_inputs.device)):
+                model_outputs(model, example_inputs)
+        finally:
+            for h in hooks:
+                h.remove()
     kept = []
     for group, root in zip(groups, units.groups):
         if any(root.first_bit <= bit < root.first_bit + root.size for bit in revived):

@@ -37,8 +37,9 @@ def _out_of_memory(module, *args, **kwargs):
                                              (_out_of_memory, "ran out of memory")])
 def test_a_grouping_past_its_budget_falls_back_from_released_memory(failure, reason, batch, monkeypatch):
     x, y = batch
-    monkeypatch.setattr(units_module, "GROUPING_EXTRA_BYTES", 100 * 2 ** 20)
-    monkeypatch.setattr(units_module, "GROUPING_SECONDS", 0.5)
+    # one limit at a time, the other far away (the machine may be busy)
+    monkeypatch.setattr(units_module, "GROUPING_EXTRA_BYTES", 100 * 2 ** 20 if failure is _blow_up else 2 ** 40)
+    monkeypatch.setattr(units_module, "GROUPING_SECONDS", 0.5 if failure is _stall else 600)
     monkeypatch.setattr(tp.DependencyGraph, "get_pruning_group", failure)
     model = small_net("resnet18")
     before = resident_bytes()
@@ -57,9 +58,12 @@ def test_the_budget_never_fires_after_its_block():
         with budget(0.1, 2 ** 40):
             while True:
                 time.sleep(0.005)
-    for _ in range(5):  # blocks that end about when the budget runs out: nothing may land later
-        with budget(0.05, 2 ** 40):
-            time.sleep(0.045)
+    for _ in range(5):  # blocks that end about when the budget runs out: it may fire inside, never later
+        try:
+            with budget(0.05, 2 ** 40):
+                time.sleep(0.045)
+        except BudgetExceeded:
+            pass
         time.sleep(0.1)
 
 

@@ -25,7 +25,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from ..modes import all_modules_in
-from ..units import _CONV, _NORM, PrunableUnits
+from ..units import _CONV, _NORM, PrunableUnits, stock_forward
 
 
 class CompactUnsupported(Exception):
@@ -115,13 +115,6 @@ def _method_caller(name):
     return call
 
 
-def stock(module: nn.Module) -> bool:
-    """Whether a Conv/Linear/BatchNorm computes exactly what its torch.nn class computes (no subclass forward such
-    as timm's ``BatchNormAct2d`` or ``Conv2dSame``, no replaced forward): only then is it run functionally."""
-    base = next(b for b in _CONV + (nn.Linear,) + _NORM if isinstance(module, b))
-    return "forward" not in vars(module) and type(module).forward is base.forward
-
-
 class _Tracer(fx.Tracer):
     """fx's tracer, with every Conv/Linear/BatchNorm (subclasses included) kept as one call: mask points must be
     module calls, and a subclass's extra work (an activation inside a BatchNorm) then runs as its own forward."""
@@ -138,10 +131,10 @@ def classify(node: fx.Node, modules: dict):
     if op == "call_module":
         mod = modules[target]
         if isinstance(mod, _NORM):
-            return ("bn" if stock(mod) else "norm_module"), target
-        if isinstance(mod, _CONV) and mod.groups == 1 and stock(mod):
+            return ("bn" if stock_forward(mod) else "norm_module"), target
+        if isinstance(mod, _CONV) and mod.groups == 1 and stock_forward(mod):
             return "conv", target
-        if isinstance(mod, nn.Linear) and stock(mod):
+        if isinstance(mod, nn.Linear) and stock_forward(mod):
             return "linear", target
         if type(mod) in ZERO_MODULES:
             return "zero_module", target
