@@ -10,7 +10,7 @@ resumes), on a small input (64×64 where the model accepts it, batch 4, 10 class
   state's own batch statistics, every other module in eval mode, each mask applied to its module's output;
 - export of one state: the small network against the masked model (eval mode), and the pruning rate against the
   exported parameter count (exact);
-- kept-channel training (``compact.train_logits``) against the masked dense forward in float64 on two rows:
+- kept-channel training (``CompactBackend.kept_channel_logits``) against the masked dense forward in float64 on two rows:
   logits, gradients and the random state after the call, with every module in train mode and (where the model
   has any) with dropout-like modules in eval;
 - training after ``finalize()``: steps of the exported network give a finite loss;
@@ -261,7 +261,7 @@ def run_one(source, name, kwargs, side) -> dict:
             p.finalize()
             losses = [p.step(x, y, opt).loss for _ in range(2)]
             return {"ok": all(torch.isfinite(torch.tensor(losses)).tolist()), "losses": losses,
-                    "exported_training": p._compact is not None}
+                    "exported_training": p.training_network is not p.model}
         row["train_after_finalize"] = limited(BACKEND_SECONDS, train)
     except Exception as exc:
         row["train_after_finalize"] = {"error": short(exc)}
@@ -274,14 +274,16 @@ def run_one(source, name, kwargs, side) -> dict:
 
 
 def kept_channel_check(model, units, state, x, y) -> dict:
-    """``compact.train_logits`` vs the masked dense forward (float64): max relative differences of logits and
+    """``CompactBackend.kept_channel_logits`` vs the masked dense forward (float64): max relative differences of logits and
     gradients, equal random states; all modules in train mode, then dropout-like modules in eval mode."""
     import torch
     import torch.nn.functional as F
 
-    from edropout.backends import compact
-    from edropout.masked_update import frozen_statistics, statistics_keeps
+    from edropout.backends import CompactBackend
+    from edropout.energy import margin_energy
+    from edropout.masked_update import frozen_statistics
     from edropout.masking import masked
+    from edropout.state_view import StateView
 
     result = {}
     x64 = x.double()
@@ -299,9 +301,9 @@ def kept_channel_check(model, units, state, x, y) -> dict:
                             if name in drops:
                                 m.eval()
                     torch.manual_seed(3)
-                    with frozen_statistics(statistics_keeps(net, units, state)):
+                    with frozen_statistics(StateView(net, units, state).statistics_keeps):
                         if kept:
-                            logits = compact.train_logits(net, units, state, x64)
+                            logits = CompactBackend().bind(net, units, margin_energy).kept_channel_logits(state, x64)
                             if logits is None:
                                 raise RuntimeError("the interpreter declined: " +
                                                    "; ".join(str(w.message)[:200] for w in caught))

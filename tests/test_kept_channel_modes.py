@@ -11,8 +11,10 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from edropout import EDropout
-from edropout.backends import compact
-from edropout.masked_update import frozen_statistics, statistics_keeps
+from edropout.backends import CompactBackend
+from edropout.energy import margin_energy
+from edropout.state_view import StateView
+from edropout.masked_update import frozen_statistics
 from edropout.masking import masked
 from nets import randomise_bn
 
@@ -58,9 +60,9 @@ class ResidualNet(nn.Module):
 def _step(model, units, state, x, y, kept_only):
     """Logits, gradients, buffers and the random state after one training forward/backward."""
     model.zero_grad(set_to_none=True)
-    with frozen_statistics(statistics_keeps(model, units, state)):
+    with frozen_statistics(StateView(model, units, state).statistics_keeps):
         if kept_only:
-            logits = compact.train_logits(model, units, state, x)
+            logits = CompactBackend().bind(model, units, margin_energy).kept_channel_logits(state, x)
             assert logits is not None  # really the interpreter
         else:
             with masked(model, units, state):
@@ -125,5 +127,5 @@ def test_a_model_that_draws_random_numbers_while_traced_trains_through_the_dense
     state = torch.ones(pruner.num_units, dtype=torch.bool)
     rng = torch.get_rng_state()
     with pytest.warns(RuntimeWarning, match="draws random numbers while torch.fx traces"):
-        assert compact.train_logits(model, pruner.units, state, x) is None
+        assert CompactBackend().bind(model, pruner.units, margin_energy).kept_channel_logits(state, x) is None
     assert torch.equal(torch.get_rng_state(), rng)

@@ -14,7 +14,9 @@ if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")  # before edropout_kernels is imported (triton backend)
 
 from edropout import EDropout
-from edropout.backends import compact
+from edropout.backends import CompactBackend
+from edropout.energy import margin_energy
+from edropout.state_view import StateView
 from nets import randomise_bn
 
 
@@ -94,7 +96,7 @@ def test_every_backend_scores_batchnorm_subclasses_with_their_own_forward(backen
         warnings.simplefilter("error")  # no fallback anywhere: the kept-channel backend handles the subclass
         pruner = EDropout(model, x[:2], backend=backend, population_size=5)
         if backend == "compact":
-            assert compact.supported(model, pruner.units, x, True)
+            assert pruner.backend.runs_compact(x)
         groups = {g.module_name: slice(g.first_bit, g.first_bit + g.size) for g in pruner.units.groups}
         assert {k: v.stop - v.start for k, v in groups.items()} == {"conv1": 6, "conv2": 5, "conv3": 7}
         states = _states(pruner.num_units)
@@ -113,7 +115,7 @@ def test_kept_channel_training_runs_batchnorm_subclasses_as_the_dense_forward(ba
     dense forward's random numbers) gives the masked dense forward's logits, gradients and statistics."""
     import copy
 
-    from edropout.masked_update import frozen_statistics, statistics_keeps
+    from edropout.masked_update import frozen_statistics
     from edropout.masking import masked
 
     x, y = batch
@@ -126,9 +128,9 @@ def test_kept_channel_training_runs_batchnorm_subclasses_as_the_dense_forward(ba
     for kept_only, net in ((True, model), (False, copy.deepcopy(model))):
         net.zero_grad(set_to_none=True)
         torch.manual_seed(5)
-        with frozen_statistics(statistics_keeps(net, pruner.units, state)):
+        with frozen_statistics(StateView(net, pruner.units, state).statistics_keeps):
             if kept_only:
-                logits = compact.train_logits(net, pruner.units, state, x)
+                logits = CompactBackend().bind(net, pruner.units, margin_energy).kept_channel_logits(state, x)
                 assert logits is not None
             else:
                 with masked(net, pruner.units, state):
