@@ -351,7 +351,7 @@ def cap_memory():
     resource.setrlimit(resource.RLIMIT_AS, (MEMORY_CAP, MEMORY_CAP))
 
 
-def run_all(names, cache: Path, run: bool = True) -> list:
+def run_all(names, cache: Path, run: bool = True, timeout: int = TIMEOUT) -> list:
     """Rows of the selected models, each from the cache or (``run``) from a fresh subprocess."""
     cache.mkdir(parents=True, exist_ok=True)
     rows = []
@@ -367,14 +367,14 @@ def run_all(names, cache: Path, run: bool = True) -> list:
             start = time.time()
             try:
                 proc = subprocess.run([sys.executable, __file__, "--one", source, name, "--json", str(path)],
-                                      preexec_fn=cap_memory, capture_output=True, text=True, timeout=TIMEOUT)
+                                      preexec_fn=cap_memory, capture_output=True, text=True, timeout=timeout)
                 if not path.exists():
                     tail = (proc.stderr or proc.stdout).strip().splitlines()[-3:]
                     row = {"model": f"{source}/{name}", "crash": f"exit {proc.returncode} (memory cap "
-                           f"{MEMORY_CAP / 2 ** 30:.0f} GiB, {TIMEOUT} s): {' | '.join(tail)}"}
+                           f"{MEMORY_CAP / 2 ** 30:.0f} GiB, {timeout} s): {' | '.join(tail)}"}
                     path.write_text(json.dumps(row, indent=1))
             except subprocess.TimeoutExpired:
-                path.write_text(json.dumps({"model": f"{source}/{name}", "crash": f"timeout after {TIMEOUT} s"}))
+                path.write_text(json.dumps({"model": f"{source}/{name}", "crash": f"timeout after {timeout} s"}))
             print(f"  {time.time() - start:.0f} s", flush=True)
         rows.append(json.loads(path.read_text()))
     return rows
@@ -445,6 +445,27 @@ def markdown(rows, meta) -> str:
     return "\n".join(lines) + "\n"
 
 
+def readme_table(rows) -> str:
+    """The README's "works on" table: one line per model, the largest deviation of any measured check."""
+    lines = ["| model | D | traced | energies vs independent (backends) | export diff | kept-channel training "
+             "(float64) | Torch-Pruning L1 50 % | result |", "|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        if "crash" in r:
+            lines.append(f"| {r['model']} | | | | | | | not measured: {r['crash'][:60]} |")
+            continue
+        measured = [(b, v) for b, v in r.get("energies", {}).items() if "max_rel_diff" in v]
+        energies = f"{max(v['max_rel_diff'] for _, v in measured):.0e} ({len(measured)}/4)" if measured else "–"
+        kept = [v["max_rel_diff"] for v in r.get("kept_channel_training", {}).values() if "max_rel_diff" in v]
+        tp_ = r.get("torch_pruning", {})
+        lines.append(f"| {r['model']} | {r['units']} | {'yes' if r['traced'] else 'no'} | {energies} | "
+                     f"{r['export_max_rel_diff']:.0e} | " if "export_max_rel_diff" in r else
+                     f"| {r['model']} | {r['units']} | {'yes' if r['traced'] else 'no'} | {energies} | refused | ")
+        lines[-1] += (f"{max(kept):.0e} | " if kept else "– | ") + \
+            (f"{100 * tp_['removed']:.0f} % removed" if tp_.get("ok") else tp_.get("error", "")[:50]) + \
+            f" | {verdict(r)} |"
+    return "\n".join(lines) + "\n"
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--one", nargs=2, metavar=("SOURCE", "NAME"), help=argparse.SUPPRESS)
@@ -452,6 +473,8 @@ def main():
     parser.add_argument("--models", nargs="*", default=[], help="only these model names")
     parser.add_argument("--cache", default=str(CACHE), help="per-model results (a rerun resumes from them)")
     parser.add_argument("--report-only", action="store_true", help="write the tables from the cached models only")
+    parser.add_argument("--readme", action="store_true", help="print the README's compact table as well")
+    parser.add_argument("--timeout", type=int, default=TIMEOUT, help="seconds per model")
     args = parser.parse_args()
     if args.one:
         source, name = args.one
@@ -459,7 +482,7 @@ def main():
         row = run_one(*spec)
         Path(args.json).write_text(json.dumps(row, indent=1))
         return
-    rows = run_all(set(args.models), Path(args.cache), run=not args.report_only)
+    rows = run_all(set(args.models), Path(args.cache), run=not args.report_only, timeout=args.timeout)
     import timm
     import torch
     import torchvision
@@ -470,7 +493,7 @@ def main():
     RESULTS.mkdir(exist_ok=True)
     (RESULTS / "model_zoo.json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=1))
     (RESULTS / "model_zoo.md").write_text(markdown(rows, meta))
-    print(markdown(rows, meta))
+    print(readme_table(rows) if args.readme else markdown(rows, meta))
 
 
 if __name__ == "__main__":
