@@ -3,16 +3,19 @@
 A 0 bit makes the unit's activation exactly zero downstream, after its BatchNorm and bias: each mask point's
 output is multiplied by its keep-mask. For a population, the input holds S member-major groups of rows and
 member s's rows get member s's mask. While scoring, BatchNorm normalises each member with its own batch
-statistics and never touches running statistics; everything else runs in eval mode (dropout off), so an
-energy is a deterministic function of the state and the batch. Hooks and patches are removed on exit.
+statistics and never touches running statistics (its own forward runs, so an activation inside a BatchNorm subclass
+is kept); everything else runs in eval mode (dropout off), so an energy is a deterministic function of the state
+and the batch. Hooks are removed on exit.
 """
 from __future__ import annotations
 
 import contextlib
+import warnings
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from torch.overrides import TorchFunctionMode
 
 from .modes import all_modules_in
 from .units import PrunableUnits, _NORM
@@ -54,22 +57,86 @@ def masked(model: nn.Module, units: PrunableUnits, states: torch.Tensor):
             h.remove()
 
 
-def _member_batch_norm(module, members: int):
-    """Forward for a BatchNorm that normalises each member's rows with that member's own statistics."""
+def member_batch_norm(x: torch.Tensor, members: int, weight, bias, eps: float) -> torch.Tensor:
+    """BatchNorm of ``members`` member-major groups of rows, each normalised by its own batch statistics (biased
+    variance, as F.batch_norm in training); no running statistic is read or written."""
+    if members == 1:
+        return F.batch_norm(x, None, None, weight, bias, True, 0.0, eps)
+    grouped = x.unflatten(0, (members, -1))
+    dims = (1,) + tuple(range(3, grouped.dim()))
+    var, mean = torch.var_mean(grouped, dim=dims, correction=0, keepdim=True)
+    out = (grouped - mean) * torch.rsqrt(var + eps)
+    shape = (1, 1, -1) + (1,) * (grouped.dim() - 3)
+    if weight is not None:
+        out = out * weight.view(shape)
+    if bias is not None:
+        out = out + bias.view(shape)
+    return out.flatten(0, 1)
 
-    def forward(x):
-        if members == 1:
-            return F.batch_norm(x, None, None, module.weight, module.bias, True, 0.0, module.eps)
-        grouped = x.unflatten(0, (members, -1))
-        dims = (1,) + tuple(range(3, grouped.dim()))
-        var, mean = torch.var_mean(grouped, dim=dims, correction=0, keepdim=True)
-        out = (grouped - mean) * torch.rsqrt(var + module.eps)
-        if module.weight is not None:
-            shape = (1, 1, -1) + (1,) * (grouped.dim() - 3)
-            out = out * module.weight.view(shape) + module.bias.view(shape)
-        return out.flatten(0, 1)
 
-    return forward
+_BATCH_NORM_ARGS = ("input", "running_mean", "running_var", "weight", "bias", "training", "momentum", "eps")
+
+
+class MemberStatistics(TorchFunctionMode):
+    """While a normalisation module runs (``active`` > 0), its ``F.batch_norm`` calls normalise each member's rows
+    with that member's own batch statistics and update no running statistic: every call with ``batch_statistics``,
+    else only those that ask for batch statistics (training, or no running statistics). The module's own forward
+    runs otherwise unchanged and in eval mode, so what a subclass does besides normalising (timm's
+    ``BatchNormAct2d``: a drop and an activation) is kept. ``calls`` counts the calls it normalised."""
+
+    def __init__(self, members: int, batch_statistics: bool, active: int = 0):
+        super().__init__()
+        self.members, self.batch_statistics, self.active, self.calls = members, batch_statistics, active, 0
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        if func is F.batch_norm and self.active:
+            bound = dict(zip(_BATCH_NORM_ARGS, args), **kwargs)
+            if self.batch_statistics or bound.get("training", False) or bound["running_mean"] is None:
+                self.calls += 1
+                return member_batch_norm(bound["input"], self.members, bound.get("weight"), bound.get("bias"),
+                                         bound.get("eps", 1e-5))
+        return func(*args, **kwargs)
+
+
+_WARNED = set()
+
+
+def warn_if_not_normalised(module: nn.Module, normalised: bool) -> None:
+    """One warning per class whose forward computed without F.batch_norm: its own (running) statistics were used,
+    since per-member batch statistics can only be fed through F.batch_norm."""
+    kind = type(module)
+    if normalised or kind in _WARNED:
+        return
+    _WARNED.add(kind)
+    warnings.warn(f"{kind.__name__} is a BatchNorm whose forward does not call torch.nn.functional.batch_norm; "
+                  f"it is scored with its own statistics (running statistics in eval mode), not each candidate's "
+                  f"batch statistics", RuntimeWarning, stacklevel=4)
+
+
+@contextlib.contextmanager
+def member_statistics(norms, members: int, batch_statistics: bool):
+    """Within the block, the BatchNorm modules ``norms`` compute with ``MemberStatistics`` (see there), through
+    their own forward; hooks are removed on exit."""
+    mode = MemberStatistics(members, batch_statistics)
+    seen = {}
+
+    def enter(module, inputs):
+        mode.active += 1
+        seen[module] = mode.calls
+
+    def leave(module, inputs, output):
+        mode.active -= 1
+        if batch_statistics:
+            warn_if_not_normalised(module, mode.calls > seen.pop(module))
+
+    handles = [h for m in norms for h in (m.register_forward_pre_hook(enter), m.register_forward_hook(leave))]
+    try:
+        with mode if handles else contextlib.nullcontext():  # no Python hop per op for a model without BatchNorm
+            yield
+    finally:
+        for h in handles:
+            h.remove()
 
 
 @contextlib.contextmanager
@@ -77,19 +144,12 @@ def scoring(model: nn.Module, units: PrunableUnits, states: torch.Tensor, batch_
     """Score ``states`` [S, D] in one forward of S member-major groups of rows, without changing the model.
 
     ``batch_statistics=True``: BatchNorm uses each member's own batch statistics (train-mode scoring);
-    False: running statistics (eval-mode scoring). No running statistic is updated either way.
+    False: running statistics (eval-mode scoring). No running statistic is updated either way. Every module runs
+    its own forward in eval mode; BatchNorm modules (subclasses included) get their statistics through
+    ``member_statistics``.
     """
     members = states.reshape(-1, units.num_units).shape[0]
-    patched = []
-    with all_modules_in(model, False):
-        try:
-            if batch_statistics:
-                for m in model.modules():
-                    if isinstance(m, _NORM):
-                        m.forward = _member_batch_norm(m, members)
-                        patched.append(m)
-            with masked(model, units, states), torch.no_grad():
-                yield
-        finally:
-            for m in patched:
-                del m.forward
+    norms = [m for m in model.modules() if isinstance(m, _NORM)]
+    with all_modules_in(model, False), member_statistics(norms, members, batch_statistics), \
+            masked(model, units, states), torch.no_grad():
+        yield

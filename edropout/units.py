@@ -3,16 +3,20 @@
 A *unit* is one output channel of a Conv or one output feature of a Linear layer (the classifier's
 outputs excluded). Channels that must be removed together (joined by a residual add, a concat, a following
 BatchNorm, the next layer's inputs) share one bit, found with torch-pruning's dependency graph, so that
-every state can be removed physically. If tracing fails we fall back to one bit per layer channel and warn.
+every state can be removed physically. If tracing fails, or its grouping runs past a time and memory budget
+(``budget``: torch-pruning can blow up on window-attention reshapes), the failed trace is released and we fall
+back to one bit per channel of every layer the forward calls, with a warning that names the part.
 """
 from __future__ import annotations
 
+import gc
 import warnings
 from dataclasses import dataclass, field
 
 import torch
 import torch.nn as nn
 
+from .budget import BudgetExceeded, budget
 from .modes import all_modules_in
 
 _CONV = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
@@ -20,6 +24,14 @@ _NORM = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d)
 _PRODUCERS = _CONV + (nn.Linear,)
 # torch-pruning graph nodes that only route channels (no parameters, zero stays zero through them).
 _ROUTING_OPS = {"_ElementWiseOp", "_ConcatOp", "_SplitOp", "_ReshapeOp"}
+
+
+def stock_forward(module: nn.Module) -> bool:
+    """Whether a Conv/Linear/BatchNorm computes exactly what its torch.nn class computes (no subclass forward such
+    as timm's ``BatchNormAct2d`` or ``Conv2dSame``, no replaced forward): only then may a backend compute it
+    functionally instead of calling it."""
+    base = next((b for b in _PRODUCERS + _NORM if isinstance(module, b)), None)
+    return base is not None and "forward" not in vars(module) and type(module).forward is base.forward
 
 
 @dataclass
@@ -171,28 +183,136 @@ def discover_units(model: nn.Module, example_inputs, ignored_layers=None) -> Pru
                              f"or names from model.named_modules()")
         ignored.add(name)
     total = sum(p.numel() for p in model.parameters() if p.requires_grad)
-    try:
-        groups = _traced_groups(model, example_inputs, ignored, names)
-        traced = True
-    except Exception as exc:  # tracing user models can fail in many ways; the fallback is documented
-        warnings.warn(f"dependency tracing failed ({type(exc).__name__}: {exc}); falling back to one bit per "
-                      f"layer channel. Coupled channels (residual adds, concats) are then not removed together and "
-                      f"export() is unavailable.", RuntimeWarning, stacklevel=3)
+    groups, failure = _guarded(lambda where: _traced_groups(model, example_inputs, ignored, names, where))
+    traced = failure is None
+    if not traced:
+        gc.collect()  # the failed trace (graph, index lists) is unreachable now: free it before the fallback
+        warnings.warn(f"dependency tracing failed ({failure}); falling back to one bit per layer channel. Coupled "
+                      f"channels (residual adds, concats) are then not removed together and export() is "
+                      f"unavailable.", RuntimeWarning, stacklevel=3)
         groups = _per_layer_groups(model, example_inputs, ignored, names)
-        traced = False
+    if traced and groups:
+        groups = _removable(model, example_inputs, groups, _assemble(model, groups, total, traced, classifier))
     if not groups:
         raise ValueError("the model has no prunable units: every Conv/Linear output is the classifier, ignored, or "
                          "coupled to an ignored layer; pass fewer ignored_layers or a model with hidden layers")
     return _assemble(model, groups, total, traced, classifier)
 
 
-def _traced_groups(model, example_inputs, ignored, names):
-    """Groups from torch-pruning's dependency graph, as lists of (module_name, handler, positions, root_idxs)."""
+def _consumers(model, units):
+    """Layers whose input channels a bit removes: name -> (input channel dim, bit of each input channel)."""
+    modules = dict(model.named_modules())
+    found = {}
+    for pa in units.param_axes:
+        name, _, pname = pa.name.rpartition(".")
+        module = modules.get(name)
+        if pname != "weight" or module is None:
+            continue
+        if isinstance(module, nn.Linear) and 1 in pa.axes:
+            found[name] = (-1, pa.axes[1])
+        elif isinstance(module, _CONV) and 1 in pa.axes:
+            found[name] = (1, pa.axes[1])
+        elif isinstance(module, _CONV) and module.groups == module.in_channels > 1 and 0 in pa.axes:
+            found[name] = (1, pa.axes[0])  # depthwise: input channel c is output channel c
+    return found
+
+
+def _removable(model, example_inputs, groups, units):
+    """The traced groups whose pruned channels reach every layer that export() would cut as exact zeros.
+
+    torch-pruning maps channels through reshapes as if they kept their order; a channel shuffle (view, transpose,
+    view) moves them, and an op that maps 0 to a non-zero value (a sigmoid between a mask and the next layer)
+    revives them. Either way removing the channel would change the network, so the masked model and the export
+    would differ. Masked forwards of two complementary random states find such bits; their groups are left
+    unpruned, with a warning."""
+    if not torch.is_tensor(example_inputs) or example_inputs.shape[0] == 0:
+        return groups
+    from .masking import masked  # masking builds on this module
+
+    half = torch.rand(units.num_units, generator=torch.Generator().manual_seed(0)) < 0.5
+    revived = set()
+    modules = dict(model.named_modules())
+    for state in (half, ~half):  # one forward per state: a model may mix the rows of its batch
+        pruned = ~units.extended(state[None].to(example_inputs.device))[0]
+
+        def check(dim, index):
+            def hook(module, inputs):
+                x = inputs[0] if inputs and torch.is_tensor(inputs[0]) else None
+                if x is None or x.dim() < 2:
+                    return
+                live = (x.movedim(dim, -1).reshape(-1, x.shape[dim]).abs().amax(dim=0) > 0) & pruned[index]
+                revived.update(index[live].tolist())
+            return hook
+
+        hooks = [modules[name].register_forward_pre_hook(check(dim, index.to(pruned.device)))
+                 for name, (dim, index) in _consumers(model, units).items()]
+        try:
+            with masked(model, units, state.to(example_inputs.device)):
+                model_outputs(model, example_inputs)
+        finally:
+            for h in hooks:
+                h.remove()
+    kept = []
+    for group, root in zip(groups, units.groups):
+        if any(root.first_bit <= bit < root.first_bit + root.size for bit in revived):
+            warnings.warn(f"group rooted at {root.module_name} is not prunable: its removed channels reach a later "
+                          f"layer as non-zero values (moved by a channel shuffle or revived by an op that maps 0 to "
+                          f"something else), so removing them would change the network", RuntimeWarning,
+                          stacklevel=4)
+            continue
+        kept.append(group)
+    return kept
+
+
+# Budget of torch-pruning's grouping (``budget``): seconds, and resident memory beyond that at its start, in bytes.
+# The torchvision and timm models of benchmarks/model_zoo.py group in seconds and far below it.
+GROUPING_SECONDS = 300.0
+GROUPING_EXTRA_BYTES = 2 * 2 ** 30
+
+
+class _Grouping:
+    """Where torch-pruning's grouping is: the graph being built (None once built), then the root being grouped."""
+
+    def __init__(self):
+        self.part = "while building the dependency graph"
+
+
+def _guarded(make_groups):
+    """(groups, None) from ``make_groups(where)`` run under the grouping budget, or (None, one line saying why and
+    where it failed). No frame of a failed trace outlives this call (the exception and its traceback die here)."""
+    where = _Grouping()
+    guard = None
+    try:
+        with budget(GROUPING_SECONDS, GROUPING_EXTRA_BYTES) as guard, warnings.catch_warnings():
+            # torch-pruning warns once per node where its shape inference gives up; the budget bounds what follows
+            warnings.filterwarnings("ignore", message="Maximum recursive depth reached")
+            return make_groups(where), None
+    except BudgetExceeded:
+        return None, (f"torch-pruning's grouping stopped {where.part}: {guard.reason}. Passing that part's "
+                      f"layers in ignored_layers, or a smaller example input, may let the rest be traced")
+    except MemoryError:
+        return None, (f"torch-pruning's grouping ran out of memory {where.part}. Passing that part's "
+                      f"layers in ignored_layers, or a smaller example input, may let the rest be traced")
+    except Exception as exc:  # tracing user models can fail in many ways; the fallback is documented
+        return None, f"{type(exc).__name__}: {exc}"
+
+
+def _traced_groups(model, example_inputs, ignored, names, where=None):
+    """Groups from torch-pruning's dependency graph, as lists of (module_name, handler, positions, root_idxs).
+    ``where`` (a ``_Grouping``) is kept up to date with the part being grouped, for error messages."""
     import torch_pruning as tp
 
+    where = where or _Grouping()
     with all_modules_in(model, False):
         graph = tp.DependencyGraph().build_dependency(model, example_inputs=example_inputs)
     ignored_modules = [m for m, n in names.items() if n in ignored]
+    group_of = graph.get_pruning_group
+
+    def tracked(module, *args, **kwargs):
+        where.part = f"at the group rooted at {names.get(module, type(module).__name__)}"
+        return group_of(module, *args, **kwargs)
+
+    graph.get_pruning_group = tracked
     result = []
     for group in graph.get_all_groups(ignored_layers=ignored_modules, root_module_types=list(_PRODUCERS)):
         members, reason = [], None
@@ -233,11 +353,13 @@ def _redundant_masks(graph, group, names):
 
 
 def _per_layer_groups(model, example_inputs, ignored, names):
-    """Fallback: one bit per output channel of each Conv/Linear; a BatchNorm fed directly by it is masked instead."""
-    produced, follows = {}, {}
+    """Fallback: one bit per output channel of each Conv/Linear the forward calls; a BatchNorm fed directly by it is
+    masked instead."""
+    produced, follows, called = {}, {}, set()
 
     def remember(mod, inp, out):
         produced[id(out)] = names[mod]
+        called.add(mod)
 
     def pair(mod, inp):
         src = produced.get(id(inp[0]))
@@ -249,8 +371,8 @@ def _per_layer_groups(model, example_inputs, ignored, names):
                                                  if isinstance(m, _NORM)])
     result = []
     for module, name in names.items():
-        if not isinstance(module, _PRODUCERS) or name in ignored:
-            continue
+        if not isinstance(module, _PRODUCERS) or name in ignored or module not in called:
+            continue  # a layer whose forward never runs (its weights used functionally) has no output to mask
         if isinstance(module, _CONV) and module.groups != 1:
             continue
         width = module.out_features if isinstance(module, nn.Linear) else module.out_channels

@@ -97,7 +97,7 @@ class OddNet(nn.Module):
         h = F.relu(self.bn(self.conv(x)))
         s = torch.sigmoid(self.gate(h.mean((2, 3))))
         h = h * s.view(h.size(0), h.shape[1], 1, 1)
-        h = h + torch.sigmoid(h)
+        h = h + torch.sigmoid(h) * h  # sigmoid alone would revive pruned channels (0 -> 0.5): not removable
         h = self.conv2(self.dw(h)) + h
         h = torch.cat([h, torch.tanh(self.side(x))], dim=1)
         h = F.max_pool2d(h, 2)
@@ -171,10 +171,10 @@ def test_fallback_when_fx_cannot_trace(batch, monkeypatch):
     x, y = batch
     model = randomise_bn(small_net("resnet18"))
 
-    def fail(_model):
+    def fail(_tracer, _model, *args, **kwargs):
         raise RuntimeError("symbolically traced variables cannot be used as inputs to control flow")
 
-    monkeypatch.setattr(torch.fx, "symbolic_trace", fail)
+    monkeypatch.setattr(torch.fx.Tracer, "trace", fail)
     pruner = EDropout(model, x[:2], backend="compact")
     states = _states(pruner)
     with pytest.warns(RuntimeWarning, match="batched backend"):

@@ -14,6 +14,7 @@ import math
 import torch
 import torch.nn.functional as F
 
+from ..masking import MemberStatistics, warn_if_not_normalised
 from ._compact_plan import DROPOUT_MODULES, POOL_MODULES, ZERO_MODULES, Plan, Ref
 from ._compact_values import ChannelTable, Packed, _as_rows, _channels_last, align, dense, dense_tree, select
 from ._model_analysis import running_scale_shift
@@ -417,29 +418,49 @@ def shape(step, ctx, args, kwargs):
 
 
 # ----- everything else: full width -------------------------------------------------------------------------------
-def _fresh(args, mutates):
-    """Dense arguments; an op that writes into its first argument gets a copy (values may be shared by members)."""
+def _fresh(ctx, args, mutates):
+    """Dense arguments; an op that writes into its first argument gets a copy (values may be shared by members).
+    In a training forward, 4-D tensors also get the eager forward's layout (that of the model's input): an op that
+    draws random numbers (a dropout inside a module, a stochastic depth) then lands each draw on the element the
+    masked dense forward gives it."""
     args = dense_tree(args)
     if mutates and args and torch.is_tensor(args[0]):
         args = (args[0].clone(),) + tuple(args[1:])
+    if ctx.train and not _channels_last(ctx.x):
+        args = tuple(a.contiguous() if torch.is_tensor(a) and _channels_last(a) else a for a in args)
     return args
 
 
 def function(step, ctx, args, kwargs):
-    return step.target(*_fresh(args, step.mutates), **_without_inplace(dense_tree(kwargs)))
+    return step.target(*_fresh(ctx, args, step.mutates), **_without_inplace(dense_tree(kwargs)))
 
 
 def method(step, ctx, args, kwargs):
     name = "reshape" if step.target == "view" else step.target
-    args = _fresh(args, step.mutates)
+    args = _fresh(ctx, args, step.mutates)
     return getattr(args[0], name)(*args[1:], **dense_tree(kwargs))
 
 
 def module(step, ctx, args, kwargs):
-    out = ctx.modules[step.target](*_fresh(args, step.mutates), **dense_tree(kwargs))
+    out = ctx.modules[step.target](*_fresh(ctx, args, step.mutates), **dense_tree(kwargs))
     if step.mask is None:
         return out
     return select(out, step.mask_dim % out.dim(), ctx.chans[step.mask])
+
+
+def norm_module(step, ctx, args, kwargs):
+    """A BatchNorm subclass (timm's ``BatchNormAct2d``) runs its own forward at full width. While scoring, its
+    F.batch_norm gets the batch statistics of this call's rows, which are one member's (``member_statistics``);
+    a training forward runs it in its own mode, as the masked dense forward does."""
+    if ctx.train:
+        return module(step, ctx, args, kwargs)
+    mod = ctx.modules[step.target]
+    mode = MemberStatistics(1, ctx.batch_statistics, active=1)
+    with mode:
+        out = module(step, ctx, args, kwargs)
+    if ctx.batch_statistics:
+        warn_if_not_normalised(mod, mode.calls > 0)
+    return out
 
 
 def get_attr(step, ctx, args, kwargs):
@@ -449,7 +470,7 @@ def get_attr(step, ctx, args, kwargs):
 HANDLERS = {
     "input": lambda step, ctx, args, kwargs: ctx.x, "constant": lambda step, ctx, args, kwargs: args[0],
     "get_attr": get_attr, "output": lambda step, ctx, args, kwargs: dense_tree(args[0]),
-    "conv": conv, "linear": linear, "bn": batch_norm, "select": select_kept, "zero": zero,
+    "conv": conv, "linear": linear, "bn": batch_norm, "norm_module": norm_module, "select": select_kept, "zero": zero,
     "zero_module": zero_module, "pool": pool, "pool_module": pool_module, "flatten": flatten,
     "flatten_module": flatten_module, "view": view, "reduce": reduce, "binary": binary, "cat": cat,
     "getattr": get_attribute, "shape": shape, "function": function, "method": method, "module": module,

@@ -15,6 +15,8 @@ Anything the plan cannot represent exactly raises ``CompactUnsupported`` and the
 from __future__ import annotations
 
 import builtins
+import contextlib
+import itertools
 import operator
 
 import torch
@@ -23,7 +25,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from ..modes import all_modules_in
-from ..units import _CONV, _NORM, PrunableUnits
+from ..units import _CONV, _NORM, PrunableUnits, stock_forward
 
 
 class CompactUnsupported(Exception):
@@ -103,7 +105,7 @@ BINARY_METHODS = {"add": "add", "add_": "add", "sub": "sub", "sub_": "sub", "mul
                   "div": "div", "div_": "div", "true_divide": "div"}
 CAT_FUNCTIONS = {torch.cat, torch.concat, torch.concatenate}
 SHAPE_METHODS = {"size", "dim", "numel"}
-_MODULE_KINDS = {"conv", "linear", "bn", "zero_module", "pool_module", "flatten_module", "module"}
+_MODULE_KINDS = {"conv", "linear", "bn", "norm_module", "zero_module", "pool_module", "flatten_module", "module"}
 
 
 def _method_caller(name):
@@ -111,6 +113,14 @@ def _method_caller(name):
         return getattr(x, name)(*args, **kwargs)
 
     return call
+
+
+class _Tracer(fx.Tracer):
+    """fx's tracer, with every Conv/Linear/BatchNorm (subclasses included) kept as one call: mask points must be
+    module calls, and a subclass's extra work (an activation inside a BatchNorm) then runs as its own forward."""
+
+    def is_leaf_module(self, m: nn.Module, module_qualified_name: str) -> bool:
+        return isinstance(m, _CONV + (nn.Linear,) + _NORM) or super().is_leaf_module(m, module_qualified_name)
 
 
 def classify(node: fx.Node, modules: dict):
@@ -121,10 +131,10 @@ def classify(node: fx.Node, modules: dict):
     if op == "call_module":
         mod = modules[target]
         if isinstance(mod, _NORM):
-            return "bn", target
-        if isinstance(mod, _CONV) and mod.groups == 1:
+            return ("bn" if stock_forward(mod) else "norm_module"), target
+        if isinstance(mod, _CONV) and mod.groups == 1 and stock_forward(mod):
             return "conv", target
-        if isinstance(mod, nn.Linear):
+        if isinstance(mod, nn.Linear) and stock_forward(mod):
             return "linear", target
         if type(mod) in ZERO_MODULES:
             return "zero_module", target
@@ -170,11 +180,36 @@ def classify(node: fx.Node, modules: dict):
     return "method", target
 
 
+@contextlib.contextmanager
+def _untouched(model: nn.Module):
+    """Within the block the model's buffers and the random state may move; on exit both are as they were."""
+    buffers = [(b, b.clone()) for b in model.buffers()]
+    cuda = sorted({t.device.index or 0 for t in itertools.chain(model.parameters(), model.buffers()) if t.is_cuda})
+    with torch.random.fork_rng(devices=cuda):
+        try:
+            yield
+        finally:
+            with torch.no_grad():
+                for b, saved in buffers:
+                    b.copy_(saved)
+
+
 def trace(model: nn.Module, training: bool = False) -> fx.Graph:
-    """The model's fx graph, traced in eval mode, or in train mode for a training plan: training flags read while
-    tracing (``F.dropout(x, p, self.training)``) are baked into the graph."""
-    with all_modules_in(model, training):
-        return fx.symbolic_trace(model).graph
+    """The model's fx graph, traced in eval mode for scoring, or in each module's own mode for a training plan:
+    training flags read while tracing (``F.dropout(x, p, self.training)``, torchvision's fx-wrapped
+    ``stochastic_depth(x, p, mode, self.training)``) are baked into the graph, so a training plan holds only for
+    the modes it was traced in (``compact.plan_for`` keys it by them). A model that draws random numbers while
+    being traced would have them baked in as constants: refused."""
+    state = torch.get_rng_state()
+    with contextlib.ExitStack() as stack:
+        if not training:
+            stack.enter_context(all_modules_in(model, False))
+        stack.enter_context(_untouched(model))
+        graph = _Tracer().trace(model)
+        if not torch.equal(torch.get_rng_state(), state):
+            raise CompactUnsupported("the model draws random numbers while torch.fx traces it (they would become "
+                                     "constants of the graph)")
+    return graph
 
 
 def _mutates(node: fx.Node, modules: dict) -> bool:
@@ -193,8 +228,8 @@ def _shapes(model: nn.Module, graph: fx.Graph, example: torch.Tensor) -> dict:
     """Shape of each node's tensor value on ``example`` (eval mode, no gradients); {} if that fails."""
     from torch.fx.passes.shape_prop import ShapeProp
 
-    try:
-        with torch.no_grad(), all_modules_in(model, False):
+    try:  # a training graph may hold baked train-mode ops (dropout): they must not move the RNG or statistics
+        with torch.no_grad(), all_modules_in(model, False), _untouched(model):
             ShapeProp(fx.GraphModule(model, graph)).propagate(example)
         return {n: tuple(n.meta["tensor_meta"].shape) for n in graph.nodes
                 if hasattr(n.meta.get("tensor_meta"), "shape")}
@@ -211,6 +246,8 @@ def build_plan(model: nn.Module, units: PrunableUnits, example: torch.Tensor, ba
     in-place ops and no folded BatchNorm."""
     try:
         graph = trace(model, training)
+    except CompactUnsupported:
+        raise
     except Exception as exc:
         raise CompactUnsupported(f"torch.fx could not trace the model ({type(exc).__name__}: {exc})") from exc
     modules = dict(model.named_modules())

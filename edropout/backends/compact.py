@@ -11,8 +11,9 @@ channels), oneDNN's fast path; work that no state affects (e.g. the first conv) 
 and residual adds overwrite fresh tensors in place; identical states are scored once.
 
 The same interpreter runs the training forward on CPU (``CompactBackend.training_logits``): one member, the best
-state, under autograd and in the modules' own modes, so backward fills the dense parameters' gradients from
-gathered weights.
+state, under autograd and in the modules' own modes at call time (traced in them, re-traced when a mode changes),
+drawing the dense forward's random numbers, so backward fills the dense parameters' gradients from gathered
+weights.
 
 Energies equal the reference backend's to float tolerance (different summation order only). Where the model
 cannot be interpreted exactly (fx tracing fails, a mask point is not a called module, in-place writes into
@@ -33,15 +34,21 @@ from ._compact_plan import CompactUnsupported, build_plan
 from ._model_analysis import has_forward_hooks
 from .batched import BatchedBackend
 
-# model -> {batch_statistics or "train": Plan or CompactUnsupported}; entries die with the model
+# model -> {batch_statistics, or ("train", modes): Plan or CompactUnsupported}; entries die with the model
 _PLANS: "weakref.WeakKeyDictionary[nn.Module, dict]" = weakref.WeakKeyDictionary()
 
 
+def _plan_key(model: nn.Module, batch_statistics: bool, training: bool):
+    """Scoring plans by scoring mode; training plans by every module's ``training`` flag, which tracing bakes into
+    the graph (a module the user switches to eval, or back, gets a plan traced in its new mode)."""
+    return ("train", tuple(m.training for m in model.modules())) if training else batch_statistics
+
+
 def plan_for(model: nn.Module, units, x: torch.Tensor, batch_statistics: bool, training: bool = False):
-    """The cached plan of ``model`` for ``units`` (scoring, or ``training``), or the ``CompactUnsupported``
-    explaining why there is none."""
+    """The cached plan of ``model`` for ``units`` (scoring, or ``training`` in the modules' current modes), or the
+    ``CompactUnsupported`` explaining why there is none."""
     entry = _PLANS.setdefault(model, {})
-    key = "train" if training else batch_statistics
+    key = _plan_key(model, batch_statistics, training)
     found = entry.get(key)
     if found is None or (not isinstance(found, CompactUnsupported) and found.units is not units):
         try:
@@ -133,7 +140,9 @@ class CompactBackend(BatchedBackend):
         if isinstance(plan, CompactUnsupported) or _has_hooks(model, plan):
             return None
         entry = _PLANS[model]
-        if entry.get("train_ran"):
+        key = _plan_key(model, True, True)
+        ran = entry.setdefault("train_ran", set())
+        if key in ran:
             return run(plan, model, state.reshape(1, -1), x, True, train=True)[0]
         # the first training forward of a model: an op the interpreter cannot run under autograd is not fatal; the
         # buffers and random state it may have moved are put back and the masked dense forward takes over for good
@@ -146,9 +155,9 @@ class CompactBackend(BatchedBackend):
                 for name, b in model.named_buffers():
                     b.copy_(buffers[name])
             torch.set_rng_state(rng)
-            entry["train"] = CompactUnsupported(f"the training forward failed ({type(exc).__name__}: {exc})")
-            warnings.warn(f"compact backend: {entry['train']}; training with the masked dense forward instead",
+            entry[key] = CompactUnsupported(f"the training forward failed ({type(exc).__name__}: {exc})")
+            warnings.warn(f"compact backend: {entry[key]}; training with the masked dense forward instead",
                           RuntimeWarning, stacklevel=3)
             return None
-        entry["train_ran"] = True
+        ran.add(key)
         return out

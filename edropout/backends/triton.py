@@ -6,7 +6,8 @@ dilation 1, zero padding) and ``nn.Linear`` runs as one grouped Triton launch ov
 channels and writes only its kept output channels, so its work scales with k_in·k_out of the dense layer.
 BatchNorm uses per-member statistics (``population_batchnorm``) or, in eval-mode scoring, is folded into the
 epilogue of the conv/linear that alone feeds it; margin and cross-entropy energies come from one fused kernel.
-Everything else (pooling, activations, Conv1d/3d, grouped or dilated convs) runs as ordinary PyTorch ops on the
+Everything else (pooling, activations, Conv1d/3d, grouped or dilated convs, BatchNorm subclasses such as timm's
+``BatchNormAct2d``, which run their own forward with per-member statistics) runs as ordinary PyTorch ops on the
 S·B batch, with the usual mask hooks.
 
 Two facts cannot be read off ``PrunableUnits`` and are established once per model by a probe (section 2):
@@ -32,9 +33,9 @@ import torch.nn as nn
 from .batched import member_chunks
 from .reference import ReferenceBackend
 from ..energy import cross_entropy_energy, margin_energy, member_energies
-from ..masking import _mask_hook, _member_batch_norm, scoring
+from ..masking import _mask_hook, member_batch_norm, member_statistics, scoring
 from ..modes import all_modules_in
-from ..units import _NORM, PrunableUnits
+from ..units import _NORM, PrunableUnits, stock_forward
 from ._model_analysis import has_forward_hooks, redundant_producer, running_scale_shift, weight_axes
 
 _FLOAT = (torch.float32, torch.float16, torch.bfloat16)
@@ -105,13 +106,10 @@ def _kind(module: nn.Module):
     return None
 
 
-def _routes_norm(module: nn.Module, batch_statistics: bool) -> bool:
-    """Whether this backend computes the BatchNorm: always with batch statistics (the reference replaces every
-    BatchNorm's forward then too), in eval-mode scoring only a stock BatchNorm (else its own forward runs)."""
-    if not isinstance(module, _NORM):
-        return False
-    stock = "forward" not in vars(module) and type(module).forward is nn.modules.batchnorm._BatchNorm.forward
-    return batch_statistics or stock
+def _routes_norm(module: nn.Module) -> bool:
+    """Whether this backend computes the BatchNorm: a stock BatchNorm only. A subclass (timm's ``BatchNormAct2d``)
+    or a replaced forward runs its own forward, with per-member statistics fed through ``member_statistics``."""
+    return isinstance(module, _NORM) and stock_forward(module)
 
 
 @dataclass
@@ -338,7 +336,7 @@ def _active_folds(plan: _Plan, modules: dict, batch_statistics: bool) -> dict:
     folds = {}
     for name, bn_name in plan.folds.items():
         bn = modules[bn_name]
-        if bn.running_mean is not None and _routes_norm(bn, False) and not has_forward_hooks([bn, modules[name]]):
+        if bn.running_mean is not None and _routes_norm(bn) and not has_forward_hooks([bn, modules[name]]):
             folds[name] = bn
     return folds
 
@@ -402,13 +400,12 @@ def _norm_forward(module, name, route: _Route):
     statistics (kernel), or running statistics in eval-mode scoring, masked."""
     members, mask = route.members, route.masks.get(name)
     per_member = route.batch_statistics or module.running_mean is None
-    fallback = _member_batch_norm(module, members)
 
     def forward(x):
         if not per_member:
             return _masked(mask, 1, module, x, _running_norm(module, x))
         if not _kernel_ready(x, members, (2, 3, 4, 5)):
-            return _masked(mask, 1, module, x, fallback(x))
+            return _masked(mask, 1, module, x, member_batch_norm(x, members, module.weight, module.bias, module.eps))
         y = x if x.dim() in (2, 4) else x.reshape(x.shape[0], x.shape[1], -1, 1)
         out = route.ek.population_batchnorm(y, members, module.weight, module.bias, module.eps, out_keep=mask)
         return out.reshape(x.shape)
@@ -428,11 +425,12 @@ def _routed(model, units, states, batch_statistics, plan, ek):
     folded_norms = {id(bn) for bn in folds.values()}
     route = _Route(ext.shape[0], ext, masks, plan, units, batch_statistics, ek, folds)
     patched, handles = {}, []
-    with all_modules_in(model, False):
+    own_norms = [m for m in modules.values() if isinstance(m, _NORM) and not _routes_norm(m)]
+    with all_modules_in(model, False), member_statistics(own_norms, route.members, batch_statistics):
         try:
             for name, m in modules.items():
                 kind = _kind(m)
-                if kind or _routes_norm(m, batch_statistics):
+                if kind or _routes_norm(m):
                     patched[m] = vars(m).get("forward")
                     if kind:
                         m.forward = _producer_forward(m, name, kind, route)

@@ -1,0 +1,500 @@
+"""EDropout on torchvision and timm classification models with random weights: what works, checked against
+definitions written here, and what Torch-Pruning's own magnitude pruner does on the same model.
+
+For every model (one subprocess each, with a hard memory cap and a timeout, results cached per model so a run
+resumes), on a small input (64×64 where the model accepts it, batch 4, 10 classes):
+- construction: seconds, units D, whether torch-pruning traced the model, warnings;
+- energies of S = 4 states on every backend (reference, batched, compact; triton in Triton's interpreter: 2 states
+  on 2 rows, for time) against
+  an independent masked forward written below: every BatchNorm (subclasses included) normalising with the
+  state's own batch statistics, every other module in eval mode, each mask applied to its module's output;
+- export of one state: the small network against the masked model (eval mode), and the pruning rate against the
+  exported parameter count (exact);
+- kept-channel training (``CompactBackend.kept_channel_logits``) against the masked dense forward in float64 on two rows:
+  logits, gradients and the random state after the call, with every module in train mode and (where the model
+  has any) with dropout-like modules in eval;
+- training after ``finalize()``: steps of the exported network give a finite loss;
+- Torch-Pruning's ``MagnitudePruner`` (L1, 50 % channels, the classifier ignored) under the same time and memory
+  budget as EDropout's grouping: the parameter share it removes, or its error.
+
+torchvision: the PyPI wheel of torchvision is built against a CUDA torch and fails to import beside the CPU-only
+torch 2.13 of this machine. The benchmark therefore runs in its own venv with a matching pair (the CUDA build of
+torch runs on CPU):
+
+    python3 -m venv /work/venvs/zoo
+    /work/venvs/zoo/bin/pip install torch==2.14.1 torchvision==0.29.1
+    /work/venvs/zoo/bin/pip install --no-deps timm torch-pruning && /work/venvs/zoo/bin/pip install pyyaml \\
+        safetensors huggingface_hub && /work/venvs/zoo/bin/pip install --no-deps -e .
+    PYTHONPATH=$PWD /work/venvs/zoo/bin/python benchmarks/model_zoo.py      # -> results/model_zoo.{json,md}
+
+Construct times are measured at normal priority on a shared machine (not under ``quiet``): they are noisy.
+"""
+from __future__ import annotations
+
+import argparse
+import copy
+import datetime
+import json
+import os
+import platform
+import resource
+import signal
+import subprocess
+import sys
+import time
+import warnings
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+RESULTS = HERE / "results"
+CACHE = HERE.parent / "runs" / "model_zoo"
+MEMORY_CAP = 8 * 2 ** 30  # address space per model (the machine's 24 GiB are shared; CUDA torch maps ~2 GiB)
+TIMEOUT = 900  # seconds per model
+BACKEND_SECONDS = 240  # per check
+TRITON_SECONDS = 30  # the triton backend's energies in Triton's interpreter (every program instance in Python)
+BATCH, STATES, CLASSES = 4, 4, 10
+
+# (source, name, constructor keyword arguments, input side)
+MODELS = [
+    ("torchvision", "resnet18", {}, 64), ("torchvision", "resnet50", {}, 64),
+    ("torchvision", "resnext50_32x4d", {}, 64), ("torchvision", "vgg11_bn", {}, 64),
+    ("torchvision", "alexnet", {}, 64), ("torchvision", "squeezenet1_1", {}, 64),
+    ("torchvision", "mobilenet_v2", {}, 64), ("torchvision", "mobilenet_v3_small", {}, 64),
+    ("torchvision", "efficientnet_b0", {}, 64), ("torchvision", "shufflenet_v2_x1_0", {}, 64),
+    ("torchvision", "mnasnet0_5", {}, 64), ("torchvision", "regnet_x_400mf", {}, 64),
+    ("torchvision", "googlenet", {"aux_logits": False, "init_weights": True}, 64),
+    ("torchvision", "convnext_tiny", {}, 64),
+    ("timm", "resnet18d", {}, 64), ("timm", "efficientnet_b0", {}, 64),
+    ("timm", "mobilenetv3_small_100", {}, 64), ("timm", "convnext_atto", {}, 64),
+    ("timm", "vit_tiny_patch16_224", {"img_size": 64}, 64),
+    ("torchvision", "densenet121", {}, 64), ("torchvision", "vit_b_16", {"image_size": 64}, 64),
+    ("torchvision", "swin_t", {}, 64), ("torchvision", "wide_resnet50_2", {}, 64),
+    ("torchvision", "maxvit_t", {}, 224),
+]
+
+
+def build(source, name, kwargs):
+    """The model with random (seeded) weights and a 10-class head."""
+    import torch
+
+    torch.manual_seed(0)
+    if source == "torchvision":
+        import torchvision
+
+        return getattr(torchvision.models, name)(num_classes=CLASSES, **kwargs)
+    import timm
+
+    return timm.create_model(name, pretrained=False, num_classes=CLASSES, **kwargs)
+
+
+# ----- independent definitions (nothing from edropout's scoring code) ----------------------------------------------
+def independent_energies(model, units, states, x, y):
+    """Margin energy of each state: a copy of the model in eval mode whose BatchNorms have no running statistics
+    (so they normalise with the batch's own statistics, one state per forward), masks multiplied into the mask
+    points' outputs by hooks written here."""
+    import torch
+    import torch.nn as nn
+
+    net = copy.deepcopy(model).eval()
+    for m in net.modules():
+        if isinstance(m, nn.modules.batchnorm._BatchNorm):
+            m.running_mean, m.running_var, m.num_batches_tracked = None, None, None
+            m.track_running_stats = False
+    modules = dict(net.named_modules())
+    out = []
+    for state in states:
+        ext = torch.cat([state.bool(), torch.ones(1, dtype=torch.bool)])
+        handles = []
+        for p in units.mask_points:
+            keep = ext[p.index].float()
+
+            def hook(module, inputs, output, keep=keep, dim=p.channel_dim):
+                shape = [1] * output.dim()
+                shape[dim] = -1
+                return output * keep.view(shape)
+
+            handles.append(modules[p.module_name].register_forward_hook(hook))
+        with torch.no_grad():
+            z = net(x)
+        for h in handles:
+            h.remove()
+        true = z.gather(1, y[:, None]).squeeze(1)
+        others = z.scatter(1, y[:, None], float("-inf")).amax(dim=1)
+        out.append((others - true).mean())
+    return torch.stack(out)
+
+
+def masked_outputs(model, units, state, x):
+    """The masked model's eval-mode output (running statistics), through hooks written here."""
+    import torch
+
+    modules = dict(model.named_modules())
+    ext = torch.cat([state.bool(), torch.ones(1, dtype=torch.bool)])
+    handles = []
+    for p in units.mask_points:
+        keep = ext[p.index].float()
+
+        def hook(module, inputs, output, keep=keep, dim=p.channel_dim):
+            shape = [1] * output.dim()
+            shape[dim] = -1
+            return output * keep.view(shape)
+
+        handles.append(modules[p.module_name].register_forward_hook(hook))
+    was = {m: m.training for m in model.modules()}
+    model.eval()
+    try:
+        with torch.no_grad():
+            return model(x)
+    finally:
+        for h in handles:
+            h.remove()
+        for m, t in was.items():
+            m.training = t
+
+
+def parameters(model) -> int:
+    return sum(p.numel() for p in model.parameters() if p.requires_grad)
+
+
+class Timeout(Exception):
+    """A check ran past its seconds."""
+
+
+def limited(seconds, fn):
+    """``fn()``, or Timeout after ``seconds`` (SIGALRM: delivered between Python bytecodes)."""
+    def alarm(signum, frame):
+        raise Timeout(f"more than {seconds} s")
+
+    previous = signal.signal(signal.SIGALRM, alarm)
+    signal.alarm(seconds)
+    try:
+        return fn()
+    finally:
+        signal.alarm(0)
+        signal.signal(signal.SIGALRM, previous)
+
+
+def short(exc) -> str:
+    return f"{type(exc).__name__}: {str(exc).splitlines()[0][:240] if str(exc) else ''}"
+
+
+# ----- one model ---------------------------------------------------------------------------------------------------
+def run_one(source, name, kwargs, side) -> dict:
+    """Every check on one model; a dict for the table (errors recorded, not raised)."""
+    os.environ.setdefault("TRITON_INTERPRET", "1")  # before edropout_kernels is imported
+    import torch
+
+    from edropout import EDropout
+    from edropout.budget import BudgetExceeded, budget
+
+    torch.set_num_threads(2)
+    row = {"model": f"{source}/{name}", "input": [BATCH, 3, side, side]}
+    model = build(source, name, kwargs)
+    row["parameters"] = parameters(model)
+    g = torch.Generator().manual_seed(1)
+    x = torch.randn(BATCH, 3, side, side, generator=g)
+    y = torch.randint(0, CLASSES, (BATCH,), generator=g)
+    seen = []
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        start = time.perf_counter()
+        pruner = EDropout(model, x[:2], population_size=STATES, backend="reference", seed=0)
+        row["construct_s"] = round(time.perf_counter() - start, 2)
+    seen += [str(w.message) for w in caught if issubclass(w.category, RuntimeWarning)]
+    units = pruner.units
+    row.update(units=units.num_units, traced=units.traced, groups=len(units.groups))
+    states = pruner.population.clone()
+    want = independent_energies(model, units, states, x, y)
+    row["energies"] = {}
+    for backend in ("reference", "batched", "compact", "triton"):
+        pruner.backend = backend
+        # Triton's interpreter runs every program instance in Python (121 s for resnet18 at S = 4, batch 4):
+        # two states on two rows there
+        members, rows = (2, 2) if backend == "triton" else (STATES, BATCH)
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            try:
+                start = time.perf_counter()
+                seconds = TRITON_SECONDS if backend == "triton" else BACKEND_SECONDS
+                got = limited(seconds, lambda: pruner.score_states(states[:members], x[:rows], y[:rows]))
+                expected = want if rows == BATCH else independent_energies(model, units, states[:members], x[:rows],
+                                                                          y[:rows])
+                err = float(((got - expected[:members]).abs() / (1 + expected[:members].abs())).max())
+                row["energies"][backend] = {"max_rel_diff": err, "ok": bool(err <= 1e-3),
+                                            "seconds": round(time.perf_counter() - start, 1)}
+            except Exception as exc:
+                row["energies"][backend] = {"error": short(exc)}
+        notes = [str(w.message) for w in caught if issubclass(w.category, RuntimeWarning)]
+        if notes:
+            row["energies"][backend]["warnings"] = sorted(set(n[:200] for n in notes))
+    pruner.backend = "reference"
+    # export of one state
+    state = states[1].clone()
+    pruner.best_state = state
+    try:
+        small = pruner.export()
+        ref = masked_outputs(model, units, state, x)
+        small.eval()
+        with torch.no_grad():
+            out = small(x)
+        row["export_max_rel_diff"] = float((out - ref).abs().max() / (1 + ref.abs().max()))
+        rate = pruner.pruning_rate
+        exported = 1 - parameters(small) / parameters(model)
+        row["rate"] = {"pruning_rate": rate, "exported": exported, "exact": abs(rate - exported) < 1e-12}
+    except Exception as exc:
+        row["export_error"] = short(exc)
+    # kept-channel training against the masked dense forward, float64
+    start = time.perf_counter()
+    try:  # two rows: float64 on a CPU interpreter is slow (mobilenet_v2: 400 s on four rows, machine loaded)
+        row["kept_channel_training"] = limited(BACKEND_SECONDS, lambda: kept_channel_check(model, units, state,
+                                                                                          x[:2], y[:2]))
+    except Timeout as exc:
+        row["kept_channel_training"] = {"train": {"error": short(exc)}}
+    row["kept_channel_training_s"] = round(time.perf_counter() - start, 1)
+    # training after finalize
+    try:
+        def train():
+            net = copy.deepcopy(model).train()
+            p = EDropout(net, x[:2], population_size=STATES, backend="reference", seed=0, min_iterations=0)
+            opt = torch.optim.SGD(net.parameters(), lr=0.01, momentum=0.9)
+            p.step(x, y, opt)
+            p.finalize()
+            losses = [p.step(x, y, opt).loss for _ in range(2)]
+            return {"ok": all(torch.isfinite(torch.tensor(losses)).tolist()), "losses": losses,
+                    "exported_training": p.training_network is not p.model}
+        row["train_after_finalize"] = limited(BACKEND_SECONDS, train)
+    except Exception as exc:
+        row["train_after_finalize"] = {"error": short(exc)}
+    start = time.perf_counter()
+    row["torch_pruning"] = torch_pruning_check(model, x, units.classifier, budget, BudgetExceeded)
+    row["torch_pruning"]["seconds"] = round(time.perf_counter() - start, 1)
+    row["warnings"] = sorted(set(w[:300] for w in seen))
+    row["peak_rss_gib"] = round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2 ** 20, 2)
+    return row
+
+
+def kept_channel_check(model, units, state, x, y) -> dict:
+    """``CompactBackend.kept_channel_logits`` vs the masked dense forward (float64): max relative differences of logits and
+    gradients, equal random states; all modules in train mode, then dropout-like modules in eval mode."""
+    import torch
+    import torch.nn.functional as F
+
+    from edropout.backends import CompactBackend
+    from edropout.energy import margin_energy
+    from edropout.masked_update import frozen_statistics
+    from edropout.masking import masked
+    from edropout.state_view import StateView
+
+    result = {}
+    x64 = x.double()
+    drops = [n for n, m in model.named_modules()
+             if "drop" in type(m).__name__.lower() or "stochasticdepth" in type(m).__name__.lower()]
+    for modes in ("train", "drops_in_eval") if drops else ("train",):
+        outs = []
+        try:
+            with warnings.catch_warnings(record=True) as caught:
+                warnings.simplefilter("always")
+                for kept in (True, False):  # one float64 copy at a time: wide_resnet50_2 is 0.55 GB a copy
+                    net = copy.deepcopy(model).double().train()
+                    if modes == "drops_in_eval":
+                        for name, m in net.named_modules():
+                            if name in drops:
+                                m.eval()
+                    torch.manual_seed(3)
+                    with frozen_statistics(StateView(net, units, state).statistics_keeps):
+                        if kept:
+                            logits = CompactBackend().bind(net, units, margin_energy).kept_channel_logits(state, x64)
+                            if logits is None:
+                                raise RuntimeError("the interpreter declined: " +
+                                                   "; ".join(str(w.message)[:200] for w in caught))
+                        else:
+                            with masked(net, units, state):
+                                logits = net(x64)
+                        F.cross_entropy(logits, y).backward()
+                    grads = {n: p.grad for n, p in net.named_parameters() if p.grad is not None}
+                    outs.append((logits.detach(), grads, torch.get_rng_state()))
+                    del net, logits
+            (lc, gc, rc), (ld, gd, rd) = outs
+            rel = lambda a, b: float((a - b).abs().max() / (1 + b.abs().max()))
+            worst = max([rel(lc, ld)] + [rel(gc[k], gd[k]) for k in gd if k in gc])
+            result[modes] = {"max_rel_diff": worst, "same_rng": bool(torch.equal(rc, rd)),
+                             "ok": bool(worst <= 1e-10 and torch.equal(rc, rd) and gc.keys() == gd.keys())}
+        except Exception as exc:
+            result[modes] = {"error": short(exc)}
+    return result
+
+
+def torch_pruning_check(model, x, classifier, budget, BudgetExceeded) -> dict:
+    """Torch-Pruning's MagnitudePruner at its defaults (L1 importance, 50 % of channels, the classifier ignored)."""
+    import torch
+    import torch_pruning as tp
+
+    net = copy.deepcopy(model).eval()
+    head = dict(net.named_modules())[classifier]
+    before = parameters(net)
+    try:
+        with budget(300, 2 * 2 ** 30) as guard:
+            pruner = tp.pruner.MagnitudePruner(net, x[:2], importance=tp.importance.MagnitudeImportance(p=1),
+                                               pruning_ratio=0.5, ignored_layers=[head])
+            pruner.step()
+            with torch.no_grad():
+                net(x)
+        return {"ok": True, "removed": 1 - parameters(net) / before}
+    except BudgetExceeded:
+        return {"error": f"stopped: {guard.reason}"}
+    except Exception as exc:
+        return {"error": short(exc)}
+
+
+# ----- the driver --------------------------------------------------------------------------------------------------
+def cap_memory():
+    resource.setrlimit(resource.RLIMIT_AS, (MEMORY_CAP, MEMORY_CAP))
+
+
+def run_all(names, cache: Path, run: bool = True, timeout: int = TIMEOUT) -> list:
+    """Rows of the selected models, each from the cache or (``run``) from a fresh subprocess."""
+    cache.mkdir(parents=True, exist_ok=True)
+    rows = []
+    for source, name, kwargs, side in MODELS:
+        key = f"{source}__{name}"
+        if names and name not in names and key not in names:
+            continue
+        path = cache / f"{key}.json"
+        if not path.exists() and not run:
+            continue
+        if not path.exists():
+            print(f"{source}/{name} ...", flush=True)
+            start = time.time()
+            try:
+                proc = subprocess.run([sys.executable, __file__, "--one", source, name, "--json", str(path)],
+                                      preexec_fn=cap_memory, capture_output=True, text=True, timeout=timeout)
+                if not path.exists():
+                    tail = (proc.stderr or proc.stdout).strip().splitlines()[-3:]
+                    row = {"model": f"{source}/{name}", "crash": f"exit {proc.returncode} (memory cap "
+                           f"{MEMORY_CAP / 2 ** 30:.0f} GiB, {timeout} s): {' | '.join(tail)}"}
+                    path.write_text(json.dumps(row, indent=1))
+            except subprocess.TimeoutExpired:
+                path.write_text(json.dumps({"model": f"{source}/{name}", "crash": f"timeout after {timeout} s"}))
+            print(f"  {time.time() - start:.0f} s", flush=True)
+        rows.append(json.loads(path.read_text()))
+    return rows
+
+
+def _limit(check) -> str:
+    """'t/o' or 'mem' when a check hit the benchmark's own time or memory limit, '' otherwise."""
+    error = (check or {}).get("error", "")
+    if "Timeout" in error:
+        return "t/o"
+    if "allocate memory" in error or "MemoryError" in error:
+        return "mem"
+    return ""
+
+
+def verdict(row) -> str:
+    """works / works without export (untraced) / check: a one-word summary of a row; checks that hit the
+    benchmark's limits (the triton interpreter's seconds, the memory cap) are named, not counted as failures."""
+    if "crash" in row:
+        return "crash"
+    checks = dict(row.get("energies", {}))
+    checks.update({f"training {k}": v for k, v in row.get("kept_channel_training", {}).items()})
+    failed = [k for k, v in checks.items() if not v.get("ok") and not _limit(v)]
+    limited_ = [k for k, v in checks.items() if _limit(v)]
+    exported = row.get("rate", {}).get("exact") and row.get("export_max_rel_diff", 1) < 1e-4
+    finalize = row.get("train_after_finalize", {}).get("ok")
+    if failed or not finalize:
+        return "check: " + ", ".join(failed + ([] if finalize else ["after finalize"]))
+    if not exported and not (not row.get("traced") and "export_error" in row):
+        return "check: export"
+    word = "works" if exported else "works, no export (untraced)"
+    return word + (f" ({', '.join(limited_)} not measured: limit)" if limited_ else "")
+
+
+def markdown(rows, meta) -> str:
+    lines = [f"# EDropout on torchvision and timm models ({meta['date']})", "",
+             f"`{meta['command']}` on {meta['machine']}; torch {meta['torch']}, torchvision {meta['torchvision']}, "
+             f"timm {meta['timm']}; random weights, batch {BATCH}, S = {STATES}, memory cap "
+             f"{MEMORY_CAP / 2 ** 30:.0f} GiB per model. Construct seconds at normal priority on a shared machine "
+             f"(noisy). Energies: max |E − E_indep| / (1 + |E_indep|) over the states, per backend "
+             f"(ref / batched / compact / triton interpreter). Kept-channel training: max relative difference of "
+             f"logits and gradients vs the masked dense forward in float64 (train modes / drops in eval).", "",
+             "| model | D | traced | construct s | energies ref / bat / cmp / tri | export diff | rate exact | "
+             "kept-channel training | after finalize | Torch-Pruning L1 50 % | result |",
+             "|---|---|---|---|---|---|---|---|---|---|---|"]
+    fmt = lambda v: ((_limit(v) or "err") if "error" in v else f"{v['max_rel_diff']:.0e}") if v else "–"
+    for r in rows:
+        if "crash" in r:
+            lines.append(f"| {r['model']} | | | | | | | | | | crash: {r['crash'][:120]} |")
+            continue
+        e = r.get("energies", {})
+        energies = " / ".join(fmt(e.get(b)) + ("*" if e.get(b, {}).get("warnings") else "")
+                              for b in ("reference", "batched", "compact", "triton"))
+        k = r.get("kept_channel_training", {})
+        kept = " / ".join(fmt(k.get(m)) for m in ("train", "drops_in_eval"))
+        export = f"{r['export_max_rel_diff']:.0e}" if "export_max_rel_diff" in r else "refused"
+        tp_ = r.get("torch_pruning", {})
+        tpr = f"{100 * tp_['removed']:.0f} % removed" if tp_.get("ok") else tp_.get("error", "")[:70]
+        fin = "ok" if r.get("train_after_finalize", {}).get("ok") else \
+            r.get("train_after_finalize", {}).get("error", "no")[:50]
+        lines.append(f"| {r['model']} | {r['units']} | {'yes' if r['traced'] else 'no'} | {r['construct_s']} | "
+                     f"{energies} | {export} | {r.get('rate', {}).get('exact', '–')} | {kept} | {fin} | {tpr} | "
+                     f"{verdict(r)} |")
+    lines += ["", "`*`: the backend warned (e.g. a fallback); the warnings are in model_zoo.json. `t/o`: the check ran "
+              f"past the benchmark's limit ({TRITON_SECONDS} s for the triton interpreter, {BACKEND_SECONDS} s "
+              f"otherwise); `mem`: past the {MEMORY_CAP / 2 ** 30:.0f} GiB cap; `err`: the error is in "
+              "model_zoo.json. `–`: not applicable (no dropout-like module)."]
+    return "\n".join(lines) + "\n"
+
+
+def readme_table(rows) -> str:
+    """The README's "works on" table: one line per model, the largest deviation of any measured check."""
+    lines = ["| model | D | traced | energies vs independent (backends) | export diff | kept-channel training "
+             "(float64) | Torch-Pruning L1 50 % | result |", "|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        if "crash" in r:
+            lines.append(f"| {r['model']} | | | | | | | not measured: {r['crash'][:60]} |")
+            continue
+        measured = [(b, v) for b, v in r.get("energies", {}).items() if "max_rel_diff" in v]
+        energies = f"{max(v['max_rel_diff'] for _, v in measured):.0e} ({len(measured)}/4)" if measured else "–"
+        kept = [v["max_rel_diff"] for v in r.get("kept_channel_training", {}).values() if "max_rel_diff" in v]
+        tp_ = r.get("torch_pruning", {})
+        lines.append(f"| {r['model']} | {r['units']} | {'yes' if r['traced'] else 'no'} | {energies} | "
+                     f"{r['export_max_rel_diff']:.0e} | " if "export_max_rel_diff" in r else
+                     f"| {r['model']} | {r['units']} | {'yes' if r['traced'] else 'no'} | {energies} | refused | ")
+        lines[-1] += (f"{max(kept):.0e} | " if kept else "– | ") + \
+            (f"{100 * tp_['removed']:.0f} % removed" if tp_.get("ok") else tp_.get("error", "")[:50]) + \
+            f" | {verdict(r)} |"
+    return "\n".join(lines) + "\n"
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--one", nargs=2, metavar=("SOURCE", "NAME"), help=argparse.SUPPRESS)
+    parser.add_argument("--json", help=argparse.SUPPRESS)
+    parser.add_argument("--models", nargs="*", default=[], help="only these model names")
+    parser.add_argument("--cache", default=str(CACHE), help="per-model results (a rerun resumes from them)")
+    parser.add_argument("--report-only", action="store_true", help="write the tables from the cached models only")
+    parser.add_argument("--readme", action="store_true", help="print the README's compact table as well")
+    parser.add_argument("--timeout", type=int, default=TIMEOUT, help="seconds per model")
+    args = parser.parse_args()
+    if args.one:
+        source, name = args.one
+        spec = next(m for m in MODELS if m[0] == source and m[1] == name)
+        row = run_one(*spec)
+        Path(args.json).write_text(json.dumps(row, indent=1))
+        return
+    rows = run_all(set(args.models), Path(args.cache), run=not args.report_only, timeout=args.timeout)
+    import timm
+    import torch
+    import torchvision
+
+    meta = {"date": datetime.date.today().isoformat(), "machine": f"{platform.processor() or platform.machine()}, "
+            f"{os.cpu_count()} cores", "torch": torch.__version__, "torchvision": torchvision.__version__,
+            "timm": timm.__version__, "command": "PYTHONPATH=$PWD /work/venvs/zoo/bin/python benchmarks/model_zoo.py"}
+    RESULTS.mkdir(exist_ok=True)
+    (RESULTS / "model_zoo.json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=1))
+    (RESULTS / "model_zoo.md").write_text(markdown(rows, meta))
+    print(readme_table(rows) if args.readme else markdown(rows, meta))
+
+
+if __name__ == "__main__":
+    main()
