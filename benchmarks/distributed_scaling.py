@@ -1,7 +1,7 @@
 """CPU scaling of distributed EDropout: whole training iterations on 1 rank × 1 thread against 2 ranks × 1 thread
 (gloo), data- and population-parallel, at S = 16 and 32, in one run.
 
-    /work/tools/quiet python benchmarks/distributed_scaling.py    # writes benchmarks/results/distributed_scaling.*
+    python benchmarks/distributed_scaling.py    # on an otherwise idle machine; writes benchmarks/results/distributed_scaling.*
 
 Fixed setup: LeNet-style and ResNet-18-style nets at 28×28 grey input, global batch 128 (data mode: 64 rows per
 rank; population mode: 128 rows on every rank, training on 64), Adadelta, keep fraction k = 0.5, backend "auto",

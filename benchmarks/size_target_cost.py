@@ -3,7 +3,7 @@ by the evolution operators, then repaired to the target) against one generation'
 
 Both are timed in interleaved rounds on the same children (ResNet-18-style and SqueezeNet-style, 28×28, batch
 128, backend auto); reported: median ms of each and repair as a share of scoring. Run it under
-``/work/tools/quiet`` on the shared machine. Writes ``results/size_target_cost.{json,md}``.
+with other jobs paused on the shared machine. Writes ``results/size_target_cost.{json,md}``.
 
     python benchmarks/size_target_cost.py
 """
@@ -59,13 +59,13 @@ def main():
     load_start = os.getloadavg()[0]
     rows = [time_case(*case) for case in CASES]
     meta = {**run_metadata("size_target_cost", "cpu"), "threads": THREADS, "rounds": ROUNDS,
-            "command": "/work/tools/quiet python benchmarks/size_target_cost.py",
+            "command": "python benchmarks/size_target_cost.py (other jobs paused)",
             "loadavg_1min": [load_start, os.getloadavg()[0]]}
     lines = ["# Repair to a size target vs scoring, per generation (CPU)", "",
              f"Machine: {meta['machine']}; torch {meta['torch']}; {meta['date']}; {THREADS} threads; median of "
              f"{ROUNDS} interleaved rounds; batch 128, 28×28, target 0.5 of parameters, backend auto. "
              f"Command: `{meta['command']}`. Load average (1 min) {meta['loadavg_1min'][0]:.1f} at the start, "
-             f"{meta['loadavg_1min'][1]:.1f} at the end: processes started after `quiet` paused the others share "
+             f"{meta['loadavg_1min'][1]:.1f} at the end: processes started after the others were paused share "
              f"the cores, so compare the columns of one row (timed in interleaved rounds), not absolute times.", "",
              "| net | width | S | D | repair (ms) | scoring (ms) | repair / scoring | worst distance to target |",
              "|---|---|---|---|---|---|---|---|"]
