@@ -21,11 +21,11 @@ torchvision: the PyPI wheel of torchvision is built against a CUDA torch and fai
 torch 2.13 of this machine. The benchmark therefore runs in its own venv with a matching pair (the CUDA build of
 torch runs on CPU):
 
-    python3 -m venv /work/venvs/zoo
-    /work/venvs/zoo/bin/pip install torch==2.14.1 torchvision==0.29.1
-    /work/venvs/zoo/bin/pip install --no-deps timm torch-pruning && /work/venvs/zoo/bin/pip install pyyaml \\
-        safetensors huggingface_hub && /work/venvs/zoo/bin/pip install --no-deps -e .
-    PYTHONPATH=$PWD /work/venvs/zoo/bin/python benchmarks/model_zoo.py      # -> results/model_zoo.{json,md}
+    python3 -m venv .venv-zoo
+    .venv-zoo/bin/pip install torch==2.14.1 torchvision==0.29.1
+    .venv-zoo/bin/pip install --no-deps timm torch-pruning && .venv-zoo/bin/pip install pyyaml \\
+        safetensors huggingface_hub && .venv-zoo/bin/pip install --no-deps -e .
+    PYTHONPATH=$PWD .venv-zoo/bin/python benchmarks/model_zoo.py      # -> results/model_zoo.{json,md}
 
 Construct times are measured at normal priority on a shared machine (not under ``quiet``): they are noisy.
 """
@@ -489,7 +489,7 @@ def main():
 
     meta = {"date": datetime.date.today().isoformat(), "machine": f"{platform.processor() or platform.machine()}, "
             f"{os.cpu_count()} cores", "torch": torch.__version__, "torchvision": torchvision.__version__,
-            "timm": timm.__version__, "command": "PYTHONPATH=$PWD /work/venvs/zoo/bin/python benchmarks/model_zoo.py"}
+            "timm": timm.__version__, "command": "PYTHONPATH=$PWD .venv-zoo/bin/python benchmarks/model_zoo.py"}
     RESULTS.mkdir(exist_ok=True)
     (RESULTS / "model_zoo.json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=1))
     (RESULTS / "model_zoo.md").write_text(markdown(rows, meta))
