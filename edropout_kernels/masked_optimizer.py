@@ -33,13 +33,14 @@ reference path.
 """
 from __future__ import annotations
 
-import os
 import struct
 from collections import OrderedDict
 
 import torch
 import triton
 import triton.language as tl
+
+from ._checks import INTERPRET, cpu_launches
 
 __all__ = ["fused_masked_step", "supports", "DEFAULT_BLOCK"]
 
@@ -154,10 +155,6 @@ def _masked_step_kernel(
 # host side
 # ----------------------------------------------------------------------------------------------
 
-def _interpreting() -> bool:
-    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
-
-
 def _kind(optimizer) -> int | None:
     # exact classes only: a subclass may change the update rule
     cls = type(optimizer)
@@ -208,7 +205,7 @@ def supports(optimizer) -> bool:
     kind = _kind(optimizer)
     if kind is None:
         return False
-    if not (torch.cuda.is_available() or _interpreting()):
+    if not (torch.cuda.is_available() or cpu_launches()):
         return False
     return all(_group_ok(optimizer, kind, g) for g in optimizer.param_groups)
 
@@ -234,8 +231,8 @@ def _dense_f32(x, p) -> bool:
 
 def _device_ok(dev: torch.device) -> bool:
     if dev.type == "cuda":
-        return not _interpreting()
-    return dev.type == "cpu" and _interpreting()
+        return not INTERPRET
+    return dev.type == "cpu" and cpu_launches()
 
 
 def _prepare_mask(vec, n: int, device):
