@@ -36,6 +36,7 @@ MEMBERS, BATCH = 8, 128
 HOT = ("_population_gemm_kernel", "_population_linear_kernel", "_population_conv2d_kernel", "_gather_kept_kernel",
        "_population_batchnorm_kernel", "_population_energies_kernel", "_masked_step_kernel")
 MAX_REGISTERS = 168
+GEMMS = ("_population_gemm_kernel", "_population_linear_kernel", "_population_conv2d_kernel")
 
 
 @dataclass
@@ -301,7 +302,7 @@ def compile_variants(selected: list[Variant], arch: int, log=print) -> list[dict
                     continue
                 row = {"arch": arch, "variant": variant.name, "group": variant.group,
                        "precision": variant.precision, "also_launched_by": [], "error": None,
-                       **compile_probe.analyse(launch, arch, variant.precision == "fp32")}
+                       **compile_probe.analyse(launch, arch, variant.precision == "fp32" and launch.kernel in GEMMS)}
                 seen[key] = row
                 rows.append(row)
             log(f"sm_{arch} ok {variant.name}: {len(launches)} launch(es), {seconds:.1f} s")

@@ -71,12 +71,12 @@ def check_vector(name: str, v: torch.Tensor | None, n: int) -> torch.Tensor | No
 
 def check_kept(name: str, keep, members: int, channels: int):
     """A keep-mask ``[members, channels]`` as its kept channel lists (built here), or lists built by the caller
-    (``kept_channels_of_layers``, once per population), checked."""
-    from .kept_channels import KeptChannels, kept_channels
+    (``kept_first_orders``, once per population), checked."""
+    from ._kept_first import KeptFirstOrder, kept_first_order
 
-    if isinstance(keep, KeptChannels):
+    if isinstance(keep, KeptFirstOrder):
         return keep.check(name, members, channels)
-    return kept_channels(check_keep(name, keep, members, channels))
+    return kept_first_order(check_keep(name, keep, members, channels))
 
 
 def check_population_args(x, weight, bias, in_keep, out_keep, scale, shift, out, members: int, n_inputs: int,
@@ -84,9 +84,9 @@ def check_population_args(x, weight, bias, in_keep, out_keep, scale, shift, out,
     """The shared checks of a population GEMM wrapper: one device, keep-masks (or kept channel lists) for
     [S, inputs] and [S, outputs], per-output vectors; returns (weight in ``x``'s dtype, bias, kept inputs, kept
     outputs, scale, shift)."""
-    from .kept_channels import KeptChannels
+    from ._kept_first import KeptFirstOrder
 
-    masks = [k.index if isinstance(k, KeptChannels) else k for k in (in_keep, out_keep)]
+    masks = [k.index if isinstance(k, KeptFirstOrder) else k for k in (in_keep, out_keep)]
     check_device(x, weight, bias, *masks, scale, shift, out)
     return (weight.to(x.dtype), check_vector("bias", bias, n_outputs),
             check_kept("in_keep", in_keep, members, n_inputs), check_kept("out_keep", out_keep, members, n_outputs),
