@@ -22,7 +22,7 @@ __all__ = ["population_batchnorm"]
 
 @triton.jit
 def _population_batchnorm_kernel(
-    y_ptr, out_ptr, gamma_ptr, beta_ptr, keep_ptr,
+    y_ptr, out_ptr, gamma_ptr, beta_ptr, keep_ptr, keep_stride,
     B, C, HW, eps,
     sy_n, sy_c, sy_hw, so_n, so_c, so_hw,
     HAS_GAMMA: tl.constexpr, HAS_BETA: tl.constexpr, HAS_KEEP: tl.constexpr, RELU: tl.constexpr,
@@ -33,7 +33,7 @@ def _population_batchnorm_kernel(
     c = pid_c * BLOCK_C + tl.arange(0, BLOCK_C)
     c_ok = c < C
     if HAS_KEEP:
-        kept = tl.load(keep_ptr + s * C + c, mask=c_ok, other=0) != 0
+        kept = tl.load(keep_ptr + s * keep_stride + c, mask=c_ok, other=0) != 0
     else:
         kept = c_ok
     kept = kept & c_ok
@@ -134,7 +134,10 @@ def population_batchnorm(y, members, weight=None, bias=None, eps=1e-5, out_keep=
     weight = check_vector("weight", weight, channels)
     bias = check_vector("bias", bias, channels)
     if out_keep is not None:
-        out_keep = check_keep("out_keep", out_keep, members, channels).contiguous().view(torch.uint8)
+        out_keep = check_keep("out_keep", out_keep, members, channels)
+        if out_keep.stride(1) != 1:
+            out_keep = out_keep.contiguous()
+        out_keep = out_keep.view(torch.uint8)  # rows may be a strided view of a wider table
     if out is None:
         out = torch.empty_like(y)
     else:
@@ -155,7 +158,7 @@ def population_batchnorm(y, members, weight=None, bias=None, eps=1e-5, out_keep=
     dummy = out
     _population_batchnorm_kernel[grid](
         y4, out4, weight if weight is not None else dummy, bias if bias is not None else dummy,
-        out_keep if out_keep is not None else dummy,
+        out_keep if out_keep is not None else dummy, out_keep.stride(0) if out_keep is not None else 0,
         batch, channels, pixels, float(eps),
         y4.stride(0), y4.stride(1), _pixel_stride(y4), out4.stride(0), out4.stride(1), _pixel_stride(out4),
         HAS_GAMMA=weight is not None, HAS_BETA=bias is not None, HAS_KEEP=out_keep is not None,
