@@ -138,15 +138,16 @@ def _energies_call(dtype, classes=10, members=MEMBERS, batch=BATCH):
 
 def _optimizer_call(make_optimizer):
     """fused_masked_step on the ResNet-18 benchmark model's parameters with the best-state masks of a random state."""
-    from edropout.masked_update import row_col_keeps
-    from edropout.units import discover_units
-    from edropout_kernels.masked_optimizer import fused_masked_step
 
     def call():
+        from edropout.state_view import StateView
+        from edropout.units import discover_units
+        from edropout_kernels import fused_masked_step
+
         model, _ = _benchmark_layers(GPU_MODELS["resnet18"])
         units = discover_units(model, torch.zeros(2, 3, 32, 32))
         state = torch.rand(units.num_units, generator=torch.Generator().manual_seed(0)) < 0.5
-        masks = row_col_keeps(model, units, state)
+        masks = StateView(model, units, state).row_col_keeps
         optimizer = make_optimizer(model.parameters())
         for p in model.parameters():
             p.grad = torch.zeros_like(p)
@@ -206,6 +207,13 @@ def _regularizer_calls():
             Variant("batch bridgeout (target mask) fwd+bwd", "regularizers", "-", bridgeout(True, None)),
             Variant("bridgeout per example (copies=4) fwd+bwd", "regularizers", "-", bridgeout(False, 4))]
 
+
+#: The CPU test's selection: every hot kernel, tf32 and bf16 GEMMs in both layouts, a 4x4-output layer (rows that
+#: straddle images), the official optimizer and the evolution kernels.
+CI_SUBSET = ("conv 64->64 3x3 s1 32x32 tf32 NCHW", "conv 64->64 3x3 s1 32x32 bf16 channels-last",
+             "conv 512->512 3x3 s1 4x4 bf16 NCHW", "linear 784->256 (MLP) bf16", "linear 784->256 (MLP) fp32",
+             "batchnorm 64x32x32 fp32 NCHW", "batchnorm 256 (BatchNorm1d) fp32, ReLU", "energies K=10 fp32",
+             "masked step Adadelta (official setup)", "make_children S=8 D=963", "select_and_best S=8")
 
 GPU_MODELS = {"resnet18": dict(name="resnet18", in_channels=3, input_size=32, width=64),
               "mlp": dict(name="mlp", in_channels=1, input_size=28, width=256)}
@@ -394,12 +402,15 @@ def main(argv=None) -> int:
     parser.add_argument("--arch", type=int, nargs="+", default=list(compile_probe.ARCHS), choices=list(compile_probe.ARCHS))
     parser.add_argument("--only", nargs="+", help="groups to compile (conv, linear, batchnorm, energies, optimizer, "
                                                   "evolution, regularizers)")
+    parser.add_argument("--subset", choices=["ci"], help="ci: one representative variant per kernel and precision "
+                                                         "(the CPU test's selection)")
     parser.add_argument("--out-dir", default=RESULTS)
     parser.add_argument("--stem", default="gpu_compile_report")
     args = parser.parse_args(argv)
     if os.environ.get("TRITON_INTERPRET", "0") == "1":
         sys.exit("unset TRITON_INTERPRET: the report compiles for a GPU target instead of interpreting")
-    selected = [v for v in variants() if not args.only or v.group in args.only]
+    selected = [v for v in variants() if (not args.only or v.group in args.only)
+                and (args.subset is None or v.name in CI_SUBSET)]
     rows = []
     for arch in args.arch:
         rows += compile_variants(selected, arch)
