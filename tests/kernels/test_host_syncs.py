@@ -87,3 +87,39 @@ def test_step_info_reads_lazily_and_checks_gpu_labels_late():
     assert 0.0 <= info.pruning_rate <= 1.0 and info.iteration == 1
     with pytest.raises(ValueError, match="labels must lie"):
         pruner.step(x, torch.full_like(y, 10), opt)  # labels on the host: checked at once
+
+
+class _RerunGraph:
+    """Stand-in for a CUDA graph on CPU: capture runs ``fn`` on the static inputs; replay reruns it into the same
+    output buffer, as a graph replay writes its static output."""
+
+    def capture(self, fn, inputs):
+        out = fn(*inputs)
+
+        class Graph:
+            def replay(self):
+                out.copy_(fn(*inputs))
+
+        return Graph(), out
+
+
+def test_cuda_graph_scoring_replays_captures_per_shape():
+    from edropout.backends import TritonBackend
+
+    torch.manual_seed(0)
+    model = small_net("resnet18")
+    g = torch.Generator().manual_seed(1)
+    x, y = torch.randn(6, 1, 8, 8, generator=g), torch.randint(0, 10, (6,), generator=g)
+    eager = EDropout(model, x[:2], population_size=4, backend="triton")
+    backend = TritonBackend(cuda_graphs=True, graph_factory=_RerunGraph())
+    graphed = EDropout(model, x[:2], population_size=4, backend=backend)
+    states = [torch.rand(4, eager.num_units, generator=g) < 0.6 for _ in range(3)]
+    for s in states:
+        expect = eager.score_states(s, x, y)
+        got = graphed.score_states(s, x, y)
+        torch.testing.assert_close(got, expect)
+        got.fill_(float("nan"))  # the caller's copy: the next replay must not see it
+    assert backend._graphed.captures == 1, "one capture per input shape"
+    graphed.score_states(torch.cat(states[:2]), x, y)  # S = 8: a new shape, a new capture
+    assert backend._graphed.captures == 2
+    torch.testing.assert_close(graphed.score_states(states[0], x, y), eager.score_states(states[0], x, y))
