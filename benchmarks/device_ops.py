@@ -193,6 +193,14 @@ def main(argv=None):
     torch.set_num_threads(1)
     import triton
 
+    plain = _summary(count_plain(args.net, args.width, args.batch, args.size, args.steps))
+    info = {"torch": torch.__version__, "triton": triton.__version__, "python": platform.python_version(),
+            "machine": f"{platform.machine()} {platform.processor()}".strip(),
+            "date_utc": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+            "command": "python " + " ".join([os.path.relpath(sys.argv[0])] + sys.argv[1:])}
+    config = {k: v for k, v in vars(args).items() if k not in ("out_dir", "stem")}
+    os.makedirs(args.out_dir, exist_ok=True)
+    stem = os.path.join(args.out_dir, args.stem)
     rows = []
     for backend in args.backends:
         for members in args.members:
@@ -201,21 +209,12 @@ def main(argv=None):
             result.update(backend=backend, members=members, iteration_summary=_summary(result["iteration"]))
             rows.append(result)
             print(backend, members, result["scoring"], result["iteration_summary"]["device_ops"], flush=True)
-    plain = _summary(count_plain(args.net, args.width, args.batch, args.size, args.steps))
-    report = {"config": {k: v for k, v in vars(args).items() if k not in ("out_dir", "stem")},
-              "info": {"torch": torch.__version__, "triton": triton.__version__, "python": platform.python_version(),
-                       "machine": f"{platform.machine()} {platform.processor()}".strip(),
-                       "date_utc": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-                       "command": "python " + " ".join([os.path.relpath(sys.argv[0])] + sys.argv[1:])},
-              "plain": plain, "rows": rows}
-    os.makedirs(args.out_dir, exist_ok=True)
-    stem = os.path.join(args.out_dir, args.stem)
-    with open(stem + ".json", "w") as f:
-        json.dump(report, f, indent=1)
-    with open(stem + ".md", "w") as f:
-        f.write(markdown(report))
+            report = {"config": config, "info": info, "plain": plain, "rows": rows}
+            with open(stem + ".json", "w") as f:  # rewritten after every row: a long run leaves what it counted
+                json.dump(report, f, indent=1)
+            with open(stem + ".md", "w") as f:
+                f.write(markdown(report))
     print(markdown(report))
-
 
 if __name__ == "__main__":
     main()

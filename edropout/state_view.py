@@ -86,6 +86,15 @@ class StateView:
                 and not keep.all().tolist()}
 
     @cached_property
+    def statistics_weights(self) -> dict:
+        """``statistics_keeps`` as float 1/0 weights in each BatchNorm's statistics dtype (``frozen_statistics``)."""
+        modules = dict(self.model.named_modules())
+        return {modules[name]: upload(keep.to(modules[name].running_mean.dtype), self.state.device)
+                for name, keep in self._host_point_keeps.items()
+                if isinstance(modules[name], _NORM) and modules[name].running_mean is not None
+                and not keep.all().tolist()}
+
+    @cached_property
     def kept_positions(self) -> dict:
         """For each parameter a bit can remove: {dim: kept positions (CPU)} along its mapped axes."""
         ext = self.extended
