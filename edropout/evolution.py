@@ -10,6 +10,8 @@ from dataclasses import dataclass
 
 import torch
 
+from .host import upload
+
 
 def check_probability(name: str, value: float) -> float:
     """A probability must lie in [0, 1]."""
@@ -106,18 +108,22 @@ def crossover(population: torch.Tensor, mutant: torch.Tensor, r: torch.Tensor, r
 def make_children(population: torch.Tensor, draws: Draws, factor: float, rate: float) -> torch.Tensor:
     """One generation of children for every member at once."""
     device = population.device
-    mutant = mutate(population, draws.parents.to(device), draws.mutation.to(device), factor)
-    return crossover(population, mutant, draws.crossover.to(device), rate)
+    mutant = mutate(population, upload(draws.parents, device), upload(draws.mutation, device), factor)
+    return crossover(population, mutant, upload(draws.crossover, device), rate)
 
 
-def keep_one_per_group(states: torch.Tensor, group_of_unit: torch.Tensor, generator: torch.Generator):
-    """(ours) A state that empties a whole group keeps one random unit of it, so every state can be exported."""
+def keep_one_per_group(states: torch.Tensor, group_of_unit: torch.Tensor, generator: torch.Generator,
+                       groups: int | None = None):
+    """(ours) A state that empties a whole group keeps one random unit of it, so every state can be exported.
+    ``group_of_unit`` is best on the states' device and ``groups`` (its maximum + 1) given: then nothing waits on
+    the device (the random keys come from the CPU ``generator`` and are uploaded without blocking)."""
     members, num_units = states.shape
-    groups = int(group_of_unit.max()) + 1
-    index = group_of_unit.to(states.device).expand(members, num_units)
-    kept = torch.zeros(members, groups, device=states.device).index_add_(1, group_of_unit.to(states.device),
-                                                                          states.float())
-    keys = torch.rand(members, num_units, generator=generator).to(states.device)
+    if groups is None:
+        groups = int(group_of_unit.max()) + 1
+    group_of_unit = group_of_unit.to(states.device)
+    index = group_of_unit.expand(members, num_units)
+    kept = torch.zeros(members, groups, device=states.device).index_add_(1, group_of_unit, states.float())
+    keys = upload(torch.rand(members, num_units, generator=generator), states.device)
     best = torch.full((members, groups), -1.0, device=states.device).scatter_reduce(1, index, keys, "amax")
     chosen = keys == best.gather(1, index)
     return states | (chosen & (kept == 0).gather(1, index))

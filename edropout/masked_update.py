@@ -47,17 +47,23 @@ def masked_step(optimizer: torch.optim.Optimizer, keeps: dict) -> None:
 @contextlib.contextmanager
 def frozen_statistics(keeps: dict):
     """A training forward inside the block updates BatchNorm running statistics; on exit those of pruned channels
-    (``keeps``: ``StateView.statistics_keeps``) are put back, so a pruned unit's statistics stay as they were, like
-    its weights and optimizer state (and the masked dense forward and the kept-channels forward leave the same
-    statistics)."""
-    saved = [(m, keep, m.running_mean.clone(), m.running_var.clone()) for m, keep in keeps.items()]
+    are put back, so a pruned unit's statistics stay as they were, like its weights and optimizer state (and the
+    masked dense forward and the kept-channels forward leave the same statistics). ``keeps``: {BatchNorm: keep
+    [C]}, bool or, to spare a conversion per step, the float 1/0 weights of ``StateView.statistics_weights``.
+    Three device operations for all BatchNorms: a copy, a lerp with weight 1 (kept: exactly the new value) or 0
+    (pruned: exactly the saved one), a copy back."""
+    modules = list(keeps)
+    stats = [m.running_mean for m in modules] + [m.running_var for m in modules]
+    weights = [keeps[m] if keeps[m].is_floating_point() else keeps[m].to(m.running_mean.dtype) for m in modules]
+    with torch.no_grad():
+        saved = torch._foreach_mul(stats, 1.0) if stats else []
     try:
         yield
     finally:
-        with torch.no_grad():
-            for m, keep, mean, var in saved:
-                torch.where(keep, m.running_mean, mean, out=m.running_mean)
-                torch.where(keep, m.running_var, var, out=m.running_var)
+        if stats:
+            with torch.no_grad():
+                torch._foreach_lerp_(saved, stats, weights + weights)
+                torch._foreach_copy_(stats, saved)
 
 
 def pruned_values(keeps: dict) -> dict:

@@ -10,6 +10,7 @@ and the batch. Hooks are removed on exit.
 from __future__ import annotations
 
 import contextlib
+from collections import OrderedDict
 import warnings
 
 import torch
@@ -21,10 +22,31 @@ from .modes import all_modules_in
 from .units import PrunableUnits, _NORM
 
 
+_POINT_INDEX: OrderedDict = OrderedDict()
+
+
+def _point_index(units: PrunableUnits, device) -> torch.Tensor:
+    """Every mask point's bit indices, concatenated, on ``device``: copied there once per units and device (a
+    copy from the host would wait for the device on CUDA at every training forward)."""
+    key = (id(units), str(device))
+    hit = _POINT_INDEX.get(key)
+    if hit is None or hit[0] is not units:
+        index = torch.cat([p.index.to(torch.long) for p in units.mask_points]) if units.mask_points else \
+            torch.zeros(0, dtype=torch.long)
+        hit = _POINT_INDEX[key] = (units, index.to(device))
+        while len(_POINT_INDEX) > 8:
+            _POINT_INDEX.popitem(last=False)
+    return hit[1]
+
+
 def channel_masks(units: PrunableUnits, states: torch.Tensor) -> dict:
-    """Keep-masks [S, C] (bool) for every mask point, from states [S, D]."""
-    ext = units.extended(states)
-    return {p.module_name: ext[:, p.index.to(states.device)] for p in units.mask_points}
+    """Keep-masks [S, C] (bool) for every mask point, from states [S, D], in one gather."""
+    table = units.extended(states)[:, _point_index(units, states.device)]
+    masks, first = {}, 0
+    for p in units.mask_points:
+        masks[p.module_name] = table[:, first:first + p.index.numel()]
+        first += p.index.numel()
+    return masks
 
 
 def _mask_hook(mask: torch.Tensor, channel_dim: int):

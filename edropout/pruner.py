@@ -25,6 +25,7 @@ from .exported_training import ExportedNetworkTrainer
 from .masked_update import frozen_statistics, pruned_values, zero_pruned
 from .masking import masked
 from .size_target import SizeMeasure, SizeTarget, check_metric
+from . import host
 from .state_view import StateView
 from .units import discover_units, model_outputs
 
@@ -112,7 +113,8 @@ class EDropout:
         self.backend = backend
         self.seed = int(seed)
         self.generator = torch.Generator().manual_seed(self.seed)
-        self._group_of_unit = self.units.group_of_unit
+        self._groups = int(self.units.group_of_unit.max()) + 1
+        self._group_of_unit = self.units.group_of_unit.to(self.device)  # on the device once, not every iteration
         evo.check_population_memory(self.population_size, self.units.num_units, self.device)
         self.target_metric = check_metric(target_metric)
         self._size_measure = None  # built on first use of removed_share with the FLOPs metric
@@ -120,10 +122,11 @@ class EDropout:
                                                                   model, example_inputs)
         population = evo.initial_population(self.population_size, self.units.num_units, self.init_keep,
                                             self.generator)
-        population = evo.keep_one_per_group(population, self._group_of_unit, self.generator)
+        population = evo.keep_one_per_group(population, self._group_of_unit, self.generator, self._groups)
         self.population = self._on_target(population).to(self.device)
         self.stored_energies = None
         self.best_state = torch.ones(self.units.num_units, dtype=torch.bool, device=self.device)
+        self._best_host = torch.ones(self.units.num_units, dtype=torch.bool)  # the best state's host copy
         self.convergence = evo.Convergence(int(min_iterations), int(patience))
         self.iteration = 0
         self.converged = False
@@ -236,7 +239,7 @@ class EDropout:
         generator_state = self.generator.get_state()
         children = self.backend.children(self.population, self.mutation_factor, self.crossover_rate,
                                          generator=self.generator, seed=self.seed, iteration=self.iteration)
-        children = self._on_target(evo.keep_one_per_group(children, self._group_of_unit, self.generator))
+        children = self._on_target(evo.keep_one_per_group(children, self._group_of_unit, self.generator, self._groups))
         stored = self.stored_energies
         if stored is None or self.rescore_parents:
             stored, child_energies = self._score(torch.cat([self.population, children]), x, y).split(
@@ -244,16 +247,18 @@ class EDropout:
         else:
             child_energies = self._score(children, x, y)
         population, energies, best_index = self.backend.select(self.population, stored, children, child_energies)
-        best = population[best_index]
-        # the one host synchronisation of an iteration: did the best state change, is its energy finite
-        flags = torch.stack([(best != self.best_state).any(), torch.isfinite(energies[best_index])])
-        changed, finite = flags.tolist()
+        index = best_index.reshape(1)
+        best = population.index_select(0, index)[0]  # indexing with a 0-d tensor would wait for the device
+        # the one host synchronisation of an iteration: the best state itself (StateView derives its masks from
+        # this host copy without waiting again) and whether its energy is finite
+        best_host, finite = host.read(best, torch.isfinite(energies.index_select(0, index))[0])
+        changed, finite = best_host.tolist() != self._best_host.tolist(), finite.tolist()
         if not finite:
             self.generator.set_state(generator_state)
             return "every population member's energy is non-finite on this batch"
         self.population, self.stored_energies = population, energies
         if changed:
-            self.best_state = best.clone()
+            self.best_state, self._best_host = best.clone(), best_host
             if self.parallelism is not None:
                 self._state_check.update(self.best_state, self.iteration + 1)
         if self.convergence.update(self.iteration + 1, changed):
@@ -266,7 +271,7 @@ class EDropout:
         """The best state's ``StateView`` (keep-masks, statistics keeps, pruning rate, ...), built once per best
         state: again only when ``best_state`` is replaced."""
         if self._best_view is None or self._best_view.state is not self.best_state:
-            self._best_view = StateView(self.model, self.units, self.best_state)
+            self._best_view = StateView(self.model, self.units, self.best_state, self._best_host)
         return self._best_view
 
     def step(self, x: torch.Tensor, y: torch.Tensor, optimizer: torch.optim.Optimizer) -> StepInfo:
@@ -304,7 +309,7 @@ class EDropout:
             trainer.update(loss)
         else:
             # restored after backward: autograd saves the running statistics it was given and checks their versions
-            with frozen_statistics(self.best_view.statistics_keeps):
+            with frozen_statistics(self.best_view.statistics_weights):
                 loss = F.cross_entropy(self._training_logits(x), y)
                 finite = bool(torch.isfinite(loss.detach()))
                 if finite:
@@ -470,7 +475,8 @@ class EDropout:
         self.population = state["population"].to(self.device).bool()
         energies = state["stored_energies"]
         self.stored_energies = None if energies is None else energies.to(self.device)
-        self.best_state = state["best_state"].to(self.device).bool()
+        self._best_host = state["best_state"].cpu().bool()
+        self.best_state = self._best_host.to(self.device)
         self.generator.set_state(state["generator"])
         self.iteration = int(state["iteration"])
         self.converged = bool(state["converged"])

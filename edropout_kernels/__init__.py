@@ -6,11 +6,11 @@ Every kernel also runs on CPU in Triton's interpreter (``TRITON_INTERPRET=1``), 
 ``INTERPRET`` says whether it does in this process.
 """
 
-from ._checks import INTERPRET, pow2_between
-from ._kept_first import kept_first_order
+from ._checks import INTERPRET, pow2_between, tf32_allowed
 from .bridgeout import bridgeout_mask, bridgeout_weight_triton
 from .evolution import make_children, select_and_best
 from .fused_energy import population_energies
+from ._kept_first import KeptFirstOrder, kept_first_order, kept_first_orders
 from .masked_optimizer import fused_masked_step
 from .population_batchnorm import population_batchnorm
 from .population_conv2d import population_conv2d
@@ -19,10 +19,12 @@ from .sparseout import sparseout_mask, sparseout_triton
 
 __all__ = [
     "INTERPRET",
+    "KeptFirstOrder",
     "bridgeout_mask",
     "bridgeout_weight_triton",
     "fused_masked_step",
     "kept_first_order",
+    "kept_first_orders",
     "make_children",
     "population_batchnorm",
     "population_conv2d",
@@ -32,6 +34,7 @@ __all__ = [
     "select_and_best",
     "sparseout_mask",
     "sparseout_triton",
+    "tf32_allowed",
 ]
 
 

@@ -6,12 +6,32 @@ engine's "triton" backend turns into a PyTorch fallback) instead of inside Trito
 
 from __future__ import annotations
 
+import contextlib
 import os
 
 import torch
 
 INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
 FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+_compile_only = False  # set by allow_cpu_launches()
+
+
+def cpu_launches() -> bool:
+    """Whether a kernel may be launched with CPU tensors: in Triton's interpreter, or inside
+    ``allow_cpu_launches()``, where a stand-in driver compiles for a GPU target and intercepts the launch."""
+    return INTERPRET or _compile_only
+
+
+@contextlib.contextmanager
+def allow_cpu_launches():
+    """Within the block the wrappers accept CPU tensors without the interpreter. Only for a stand-in Triton
+    driver that compiles every launch for a GPU target and never runs it (``benchmarks/gpu_compile_report.py``)."""
+    global _compile_only
+    previous, _compile_only = _compile_only, True
+    try:
+        yield
+    finally:
+        _compile_only = previous
 
 
 def check_device(*tensors: torch.Tensor | None) -> None:
@@ -20,7 +40,7 @@ def check_device(*tensors: torch.Tensor | None) -> None:
     if len(devices) != 1:
         raise ValueError(f"all tensors must be on one device, got {sorted(map(str, devices))}")
     (device,) = devices
-    if device.type == "cpu" and not INTERPRET:
+    if device.type == "cpu" and not cpu_launches():
         raise ValueError("CPU tensors need Triton's interpreter: set TRITON_INTERPRET=1 before "
                          "importing edropout_kernels, or pass CUDA tensors")
     if device.type not in ("cpu", "cuda"):
@@ -49,14 +69,40 @@ def check_vector(name: str, v: torch.Tensor | None, n: int) -> torch.Tensor | No
     return v.contiguous().to(torch.float32)
 
 
+def check_kept(name: str, keep, members: int, channels: int):
+    """A keep-mask ``[members, channels]`` as its kept channel lists (built here), or lists built by the caller
+    (``kept_first_orders``, once per population), checked."""
+    from ._kept_first import KeptFirstOrder, kept_first_order
+
+    if isinstance(keep, KeptFirstOrder):
+        return keep.check(name, members, channels)
+    return kept_first_order(check_keep(name, keep, members, channels))
+
+
 def check_population_args(x, weight, bias, in_keep, out_keep, scale, shift, out, members: int, n_inputs: int,
                           n_outputs: int):
-    """The shared checks of a population GEMM wrapper: one device, keep-masks [S, inputs] and [S, outputs],
-    per-output vectors; returns (weight in ``x``'s dtype, bias, in_keep, out_keep, scale, shift)."""
-    check_device(x, weight, bias, in_keep, out_keep, scale, shift, out)
+    """The shared checks of a population GEMM wrapper: one device, keep-masks (or kept channel lists) for
+    [S, inputs] and [S, outputs], per-output vectors; returns (weight in ``x``'s dtype, bias, kept inputs, kept
+    outputs, scale, shift)."""
+    from ._kept_first import KeptFirstOrder
+
+    masks = [k.index if isinstance(k, KeptFirstOrder) else k for k in (in_keep, out_keep)]
+    check_device(x, weight, bias, *masks, scale, shift, out)
     return (weight.to(x.dtype), check_vector("bias", bias, n_outputs),
-            check_keep("in_keep", in_keep, members, n_inputs), check_keep("out_keep", out_keep, members, n_outputs),
+            check_kept("in_keep", in_keep, members, n_inputs), check_kept("out_keep", out_keep, members, n_outputs),
             check_vector("scale", scale, n_outputs), check_vector("shift", shift, n_outputs))
+
+
+def tf32_allowed(kind: str) -> bool:
+    """The tf32 policy of the population GEMMs: a float32 GEMM uses tf32 exactly when PyTorch's own op would.
+    ``"linear"`` follows ``torch.backends.cuda.matmul.allow_tf32`` (the same switch as
+    ``torch.get_float32_matmul_precision() != "highest"``), ``"conv2d"`` follows ``torch.backends.cudnn.allow_tf32``.
+    PyTorch's defaults are: linear exact fp32, conv tf32."""
+    if kind == "conv2d":
+        return bool(torch.backends.cudnn.allow_tf32)
+    if kind == "linear":
+        return torch.get_float32_matmul_precision() != "highest"
+    raise ValueError(f"unknown GEMM kind {kind!r}")
 
 
 def epilogue_launch_flags(x, bias, scale, shift, relu, allow_tf32) -> dict:

@@ -33,13 +33,13 @@ reference path.
 """
 from __future__ import annotations
 
-import os
-import struct
 from collections import OrderedDict
 
 import torch
 import triton
 import triton.language as tl
+
+from ._checks import INTERPRET, cpu_launches
 
 __all__ = ["fused_masked_step", "supports", "DEFAULT_BLOCK"]
 
@@ -49,16 +49,15 @@ DEFAULT_BLOCK = 1024
 _OPT_SGD, _OPT_ADAM, _OPT_ADADELTA = 0, 1, 2
 _NMETA = 16  # int64 slots per tensor in the metadata table
 # slot layout: 0 numel, 1 C*T, 2 T, 3 C, 4 first block, 5 p, 6 grad, 7-9 states, 10 row_keep,
-# 11 col_keep, 12 flags (1 = has row mask, 2 = has col mask, 4 = fresh momentum buffer),
-# 13 step_size (float64 bits), 14 sqrt(bias_correction2) (float64 bits), 15 unused.
+# 11 col_keep, 12 flags (1 = has row mask, 2 = has col mask, 4 = fresh momentum buffer), 13-15 unused.
 _FLAG_ROW, _FLAG_COL, _FLAG_FIRST = 1, 2, 4
 _MAX_NUMEL = 2**31 - 2**20  # int32 element offsets inside one tensor
 
 
 @triton.jit
 def _masked_step_kernel(
-    meta_ptr, metaf_ptr, map_ptr,
-    lr, wd, momentum, one_minus_dampening, lerp_w, beta2, one_minus_beta2, eps, decay,
+    meta_ptr, map_ptr,
+    lr, wd, momentum, one_minus_dampening, lerp_w, beta2, one_minus_beta2, eps, decay, step_size, bc2_sqrt,
     OPT: tl.constexpr, MAXIMIZE: tl.constexpr, WEIGHT_DECAY: tl.constexpr,
     MOMENTUM: tl.constexpr, NESTEROV: tl.constexpr, AMSGRAD: tl.constexpr,
     DECOUPLED: tl.constexpr, LERP_FROM_START: tl.constexpr, NMETA: tl.constexpr, BLOCK: tl.constexpr,
@@ -110,8 +109,6 @@ def _masked_step_kernel(
                 g = buf
         p = p - lr * g
     elif OPT == 1:  # Adam / AdamW
-        step_size = tl.load(metaf_ptr + t * NMETA + 13).to(tl.float32)
-        bc2_sqrt = tl.load(metaf_ptr + t * NMETA + 14).to(tl.float32)
         if WEIGHT_DECAY:
             if DECOUPLED:
                 p = p * decay
@@ -153,10 +150,6 @@ def _masked_step_kernel(
 # ----------------------------------------------------------------------------------------------
 # host side
 # ----------------------------------------------------------------------------------------------
-
-def _interpreting() -> bool:
-    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
-
 
 def _kind(optimizer) -> int | None:
     # exact classes only: a subclass may change the update rule
@@ -208,7 +201,7 @@ def supports(optimizer) -> bool:
     kind = _kind(optimizer)
     if kind is None:
         return False
-    if not (torch.cuda.is_available() or _interpreting()):
+    if not (torch.cuda.is_available() or cpu_launches()):
         return False
     return all(_group_ok(optimizer, kind, g) for g in optimizer.param_groups)
 
@@ -234,8 +227,8 @@ def _dense_f32(x, p) -> bool:
 
 def _device_ok(dev: torch.device) -> bool:
     if dev.type == "cuda":
-        return not _interpreting()
-    return dev.type == "cpu" and _interpreting()
+        return not INTERPRET
+    return dev.type == "cpu" and cpu_launches()
 
 
 def _prepare_mask(vec, n: int, device):
@@ -247,10 +240,6 @@ def _prepare_mask(vec, n: int, device):
     if vec.dtype != torch.bool:
         vec = vec != 0
     return vec.to(device=device).contiguous()
-
-
-def _f64_bits(x: float) -> int:
-    return struct.unpack("<q", struct.pack("<d", float(x)))[0]
 
 
 _MAP_CACHE: OrderedDict = OrderedDict()
@@ -318,13 +307,13 @@ def _plan_group(optimizer, kind: int, group: dict, masks: dict):
 
 
 def _launch_group(optimizer, kind: int, group: dict, items, block: int) -> None:
+    """The masked step of one param group: its step counters in one operation, then one launch per distinct step."""
     if not items:
         return
     maximize = bool(group.get("maximize", False))
     lr = _host_scalar(group["lr"])
     wd = _host_scalar(group.get("weight_decay", 0.0))
     device = items[0][0].device
-    meta, nblocks, keepalive = [], [], []
     momentum = dampening = beta2 = eps = 0.0
     lerp_w = 0.0
     nesterov = amsgrad = decoupled = False
@@ -342,52 +331,88 @@ def _launch_group(optimizer, kind: int, group: dict, items, block: int) -> None:
         beta2 = _host_scalar(group["rho"])  # rho travels in the beta2 slot
         eps = _host_scalar(group["eps"])
 
-    start = 0
-    for p, g, rk, ck, keys in items:
-        state = optimizer.state[p]
-        flags = 0
-        step_size = bc2_sqrt = 1.0
-        if kind == _OPT_SGD:
-            if momentum != 0 and state.get("momentum_buffer") is None:
-                state["momentum_buffer"] = torch.zeros_like(p, memory_format=torch.preserve_format)
-                flags |= _FLAG_FIRST
-        else:
+    steps = [None] * len(items)
+    if kind != _OPT_SGD:
+        for p, g, rk, ck, keys in items:
+            state = optimizer.state[p]
             if len(state) == 0:
                 state["step"] = torch.tensor(0.0, dtype=_scalar_dtype())
                 for k in keys:
                     state[k] = torch.zeros_like(p, memory_format=torch.preserve_format)
-            state["step"] += 1
-            if kind == _OPT_ADAM:
-                step = float(state["step"].item())  # CPU tensor: no device sync
-                step_size = lr / (1 - beta1 ** step)
-                bc2_sqrt = (1 - beta2 ** step) ** 0.5
+        counters = [optimizer.state[p]["step"] for p, *_ in items]
+        torch._foreach_add_(counters, 1)  # torch's per-parameter step counters (CPU tensors), in one operation
+        if kind == _OPT_ADAM:
+            steps = torch.stack(counters).tolist()  # CPU tensors: no device sync
+    # Adam's bias corrections depend on the step: one launch per distinct step (one, unless some parameters
+    # missed steps), the corrections passed as scalars so that the pointer table stays the same every step
+    for step in dict.fromkeys(steps):
+        subset = [item for item, st in zip(items, steps) if st == step]
+        step_size = lr / (1 - beta1 ** step) if kind == _OPT_ADAM else 1.0
+        bc2_sqrt = (1 - beta2 ** step) ** 0.5 if kind == _OPT_ADAM else 1.0
+        meta, nblocks = _pointer_table(optimizer, kind, momentum, subset, block)
+        if not nblocks:
+            continue
+        table = _device_table(device, meta)
+        _masked_step_kernel[(sum(nblocks),)](
+            table, _block_map(device, tuple(nblocks)),
+            lr, wd, momentum, 1.0 - dampening, lerp_w, beta2, 1.0 - beta2, eps, 1.0 - lr * wd, step_size, bc2_sqrt,
+            OPT=kind, MAXIMIZE=maximize, WEIGHT_DECAY=wd != 0, MOMENTUM=momentum != 0,
+            NESTEROV=nesterov, AMSGRAD=amsgrad, DECOUPLED=decoupled,
+            LERP_FROM_START=abs(lerp_w) < 0.5, NMETA=_NMETA, BLOCK=block,
+        )
+
+
+def _pointer_table(optimizer, kind, momentum, items, block):
+    """The int64 table of one launch (``_NMETA`` slots per tensor) and the blocks of each tensor; creates SGD's
+    momentum buffers on their first step (flagged, so the kernel initialises them)."""
+    meta, nblocks, start = [], [], 0
+    for p, g, rk, ck, keys in items:
+        state = optimizer.state[p]
+        flags = 0
+        if kind == _OPT_SGD and momentum != 0 and state.get("momentum_buffer") is None:
+            state["momentum_buffer"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+            flags |= _FLAG_FIRST
         states = [state[k] for k in keys] + [p] * (3 - len(keys))
         rows, cols, tail = _as_rc(p)
         if rk is not None:
             flags |= _FLAG_ROW
         if ck is not None:
             flags |= _FLAG_COL
-        keepalive += [rk, ck]
         nb = triton.cdiv(p.numel(), block)
         meta += [p.numel(), cols * tail, tail, cols, start, p.data_ptr(), g.data_ptr(),
                  states[0].data_ptr(), states[1].data_ptr(), states[2].data_ptr(),
                  rk.data_ptr() if rk is not None else p.data_ptr(),
                  ck.data_ptr() if ck is not None else p.data_ptr(),
-                 flags, _f64_bits(step_size), _f64_bits(bc2_sqrt), 0]
+                 flags, 0, 0, 0]
         nblocks.append(nb)
         start += nb
-    if start == 0:
-        return
-    meta_t = torch.tensor(meta, dtype=torch.int64).to(device)
-    bmap = _block_map(device, tuple(nblocks))
-    _masked_step_kernel[(start,)](
-        meta_t, meta_t.view(torch.float64), bmap,
-        lr, wd, momentum, 1.0 - dampening, lerp_w, beta2, 1.0 - beta2, eps, 1.0 - lr * wd,
-        OPT=kind, MAXIMIZE=maximize, WEIGHT_DECAY=wd != 0, MOMENTUM=momentum != 0,
-        NESTEROV=nesterov, AMSGRAD=amsgrad, DECOUPLED=decoupled,
-        LERP_FROM_START=abs(lerp_w) < 0.5, NMETA=_NMETA, BLOCK=block,
-    )
-    del keepalive  # launches are stream-ordered: the caching allocator will not reuse these early
+    return meta, nblocks
+
+
+_TABLES: OrderedDict = OrderedDict()
+
+
+def _device_table(device, meta: list) -> torch.Tensor:
+    """The pointer table on the device, cached by its contents: parameters, optimizer states and keep vectors keep
+    their addresses from step to step (and PyTorch's caching allocator usually hands gradients the same blocks),
+    so a step normally copies nothing. A new table is copied from pinned memory without blocking the host; the
+    pinned copy is kept with it until the entry is evicted (which happens only after later launches are queued
+    on the same stream)."""
+    key = (str(device), tuple(meta))
+    hit = _TABLES.get(key)
+    if hit is not None:
+        _TABLES.move_to_end(key)
+        return hit[0]
+    host = torch.tensor(meta, dtype=torch.int64)
+    if device.type == "cuda":
+        host = host.pin_memory()
+        table = host.to(device, non_blocking=True)
+    else:
+        table = host
+    _TABLES[key] = (table, host)
+    while len(_TABLES) > 8:
+        _TABLES.popitem(last=False)
+    return table
 
 
 @torch.no_grad()

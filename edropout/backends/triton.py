@@ -67,13 +67,6 @@ def _interpreter_tiles(ek, rows: int) -> dict:
     return {"block_m": ek.pow2_between(rows, 16, 1024)} if ek.INTERPRET else {}
 
 
-def _allow_tf32(kind: str) -> bool:
-    """Mirror PyTorch's own switches: convs follow cuDNN's TF32 flag, linears the float32 matmul precision."""
-    if kind == "conv2d":
-        return bool(torch.backends.cudnn.allow_tf32)
-    return torch.get_float32_matmul_precision() != "highest"
-
-
 def _compute_dtype(x: torch.Tensor) -> torch.dtype:
     """The dtype PyTorch's conv/linear would compute in: the autocast dtype when autocast is on."""
     if x.dtype in _FLOAT and torch.is_autocast_enabled(x.device.type):
@@ -316,7 +309,7 @@ class _Route:
     """What every patched forward of one routed scoring call reads: the population (``members`` states, their
     extended bits ``ext`` [S, E] and per-mask-point keeps ``masks``), the model's plan and units, the scoring
     mode, the kernels module, and the BatchNorms each producer applies itself (``folds``: producer name ->
-    BatchNorm module, eval-mode scoring only)."""
+    BatchNorm module, eval-mode scoring only), and every routed layer's kept-first channel orders (``kept``)."""
 
     members: int
     ext: torch.Tensor
@@ -326,6 +319,7 @@ class _Route:
     batch_statistics: bool
     ek: object
     folds: dict
+    kept: dict  # routed layer name -> _LayerKeeps, built once per population
 
 
 def _active_folds(plan: _Plan, modules: dict, batch_statistics: bool) -> dict:
@@ -345,19 +339,9 @@ def _producer_forward(module, name, kind, route: _Route):
     """Forward of a Conv2d/Linear on the S·B batch: the population kernel on kept channels, exact zeros in pruned
     output channels; the stock forward (plus the mask) when the input does not suit the kernel. A producer with a
     folded BatchNorm returns that BatchNorm's masked output (in the kernel's epilogue where it can)."""
-    members, plan, units, ext, ek = route.members, route.plan, route.units, route.ext, route.ek
-    axes = weight_axes(units, name)
+    members, plan, ek = route.members, route.plan, route.ek
     mask = route.masks.get(name)
-    in_keep = torch.ones(members, module.weight.shape[1], dtype=torch.bool, device=ext.device)
-    hooked = has_forward_hooks([module])  # a hook may change the input or see the output: compute them in full
-    if name in plan.skip_inputs and not hooked:
-        in_keep = ext[:, plan.index(("in", name), axes[1], ext.device)]
-    if mask is not None:
-        out_keep = mask
-    elif redundant_producer(units, name) and not hooked:  # its BatchNorm masks these channels
-        out_keep = ext[:, plan.index(("out", name), axes[0], ext.device)]
-    else:
-        out_keep = torch.ones(members, module.weight.shape[0], dtype=torch.bool, device=ext.device)
+    kept = route.kept[name]
     bn = route.folds.get(name)
     bn_mask = route.masks.get(plan.folds[name]) if bn is not None else None
     base = type(module).forward
@@ -369,20 +353,18 @@ def _producer_forward(module, name, kind, route: _Route):
             return out if bn is None else _masked(bn_mask, 1, bn, out, _running_norm(bn, out))
         epilogue = bn is not None and (kind == "conv2d" or x.dim() == 2)
         scale, shift = _bn_scale_shift(bn) if epilogue else (None, None)
-        keep = (bn_mask if bn_mask is not None else torch.ones_like(out_keep)) if epilogue else out_keep
+        keep = kept.fold if epilogue else kept.outputs
         if kind == "conv2d":
             padding = _conv_padding(module)
             rows = x.shape[0] // members * _conv_out_pixels(x, module, padding)
             out = ek.population_conv2d(
-                x.to(dtype), module.weight, module.bias, in_keep, keep, members=members, stride=module.stride,
-                padding=padding, scale=scale, shift=shift, allow_tf32=_allow_tf32("conv2d"),
-                **_interpreter_tiles(ek, rows))
+                x.to(dtype), module.weight, module.bias, kept.inputs, keep, members=members, stride=module.stride,
+                padding=padding, scale=scale, shift=shift, **_interpreter_tiles(ek, rows))
         else:
             flat = x.to(dtype).reshape(-1, x.shape[-1])
             out = ek.population_linear(
-                flat, module.weight, module.bias, in_keep, keep, members=members, scale=scale, shift=shift,
-                allow_tf32=_allow_tf32("linear"), **_interpreter_tiles(ek, flat.shape[0] // members)
-            ).reshape(*x.shape[:-1], -1)
+                flat, module.weight, module.bias, kept.inputs, keep, members=members, scale=scale, shift=shift,
+                **_interpreter_tiles(ek, flat.shape[0] // members)).reshape(*x.shape[:-1], -1)
         if bn is not None and not epilogue:
             out = _masked(bn_mask, 1, bn, out, _running_norm(bn, out))
         return out
@@ -413,17 +395,67 @@ def _norm_forward(module, name, route: _Route):
     return forward
 
 
+@dataclass
+class _LayerKeeps:
+    """Kept-first channel orders (``edropout_kernels.KeptFirstOrder``) of one routed Conv2d/Linear for one
+    population: its inputs, its outputs, and its outputs with its folded BatchNorm's mask (None: no fold)."""
+
+    inputs: object
+    outputs: object
+    fold: object = None
+
+
+def _keep_columns(units, plan, modules, folds):
+    """Which state bits every keep-mask of one routed forward reads, as labelled bit-index tensors (bit D, the
+    always-kept column of ``units.extended``, for channels never pruned there): the mask points, then each routed
+    layer's inputs, outputs and (when a BatchNorm is folded into it) folded outputs; and per layer how many."""
+    always = units.num_units
+    points = {p.module_name: p.index for p in units.mask_points}
+    columns = [(("mask", name), index) for name, index in points.items()]
+    counts = {}
+    for name, m in modules.items():
+        if not _kind(m):
+            continue
+        axes = weight_axes(units, name)
+        hooked = has_forward_hooks([m])  # a hook may change the input or see the output: compute them in full
+        n_out, n_in = m.weight.shape[0], m.weight.shape[1]
+        inputs = axes[1] if name in plan.skip_inputs and not hooked else torch.full((n_in,), always)
+        if name in points:
+            outputs = points[name]
+        elif redundant_producer(units, name) and not hooked:  # its BatchNorm masks these channels
+            outputs = axes[0]
+        else:
+            outputs = torch.full((n_out,), always)
+        entry = [(("in", name, hooked), inputs), (("out", name, hooked), outputs)]
+        if name in folds:
+            entry.append((("fold", name), points.get(plan.folds[name], torch.full((n_out,), always))))
+        counts[name] = len(entry)
+        columns += entry
+    return columns, counts
+
+
 @contextlib.contextmanager
 def _routed(model, units, states, batch_statistics, plan, ek):
     """Within the block, ``model`` scores ``states`` [S, D] on member-major S·B rows through the kernels, like
-    ``edropout.masking.scoring`` does through PyTorch; the model is restored on exit."""
+    ``edropout.masking.scoring`` does through PyTorch; the model is restored on exit. Every keep-mask of the
+    forward is one gather from the states, and every routed layer's kept-first orders come from one
+    ``kept_first_orders`` call: a fixed number of device operations per population, whatever the depth."""
     ext = units.extended(states.reshape(-1, units.num_units))
-    masks = {p.module_name: ext[:, plan.index(("mask", p.module_name), p.index, ext.device)]
-             for p in units.mask_points}
     modules = dict(model.named_modules())
     folds = _active_folds(plan, modules, batch_statistics)
     folded_norms = {id(bn) for bn in folds.values()}
-    route = _Route(ext.shape[0], ext, masks, plan, units, batch_statistics, ek, folds)
+    columns, counts = _keep_columns(units, plan, modules, folds)
+    labels = tuple(label for label, _ in columns)
+    index = plan.index(("columns",) + labels, torch.cat([i.to(torch.long) for _, i in columns]), ext.device)
+    table = ext[:, index]
+    views, first = {}, 0
+    for label, i in columns:
+        views[label] = table[:, first:first + i.numel()]
+        first += i.numel()
+    masks = {label[1]: view for label, view in views.items() if label[0] == "mask"}
+    orders = iter(ek.kept_first_orders([view for label, view in views.items() if label[0] != "mask"]))
+    kept = {name: _LayerKeeps(*(next(orders) for _ in range(n))) for name, n in counts.items()}
+    route = _Route(ext.shape[0], ext, masks, plan, units, batch_statistics, ek, folds, kept)
     patched, handles = {}, []
     own_norms = [m for m in modules.values() if isinstance(m, _NORM) and not _routes_norm(m)]
     with all_modules_in(model, False), member_statistics(own_norms, route.members, batch_statistics):
@@ -462,9 +494,18 @@ def _energies(ek, energy_fn, logits, y, members) -> torch.Tensor:
 
 
 class TritonBackend(ReferenceBackend):
-    """The reference backend with scoring, the evolution step and the masked update as Triton kernels."""
+    """The reference backend with scoring, the evolution step and the masked update as Triton kernels.
+
+    ``cuda_graphs=True`` (CUDA only) replays each scoring pass from a captured CUDA graph (``_graphs``), captured
+    per input shape after the first eager call has built and checked the model's plan. Opt in only for a model
+    whose structure, hooks and scoring mode stay fixed while training: the capture bakes them in."""
 
     name = "triton"
+
+    def __init__(self, cuda_graphs: bool = False, graph_factory=None):
+        self.cuda_graphs = bool(cuda_graphs)
+        self._graph_factory = graph_factory  # None: real CUDA graphs; tests pass a stand-in
+        self._graphed = self._graphed_plan = None
 
     def plan(self, x: torch.Tensor) -> _Plan:
         """The bound model's routing plan for batches like ``x`` (built, self-checked and cached on first use)."""
@@ -472,10 +513,22 @@ class TritonBackend(ReferenceBackend):
 
     def score(self, states, x, y):
         """Energies [S]: the population in routed forwards of up to ``max_members`` members (all at once by
-        default)."""
-        model, units = self.model, self.units
+        default); replayed from a CUDA graph with ``cuda_graphs=True`` once the plan exists."""
         ek = _kernels(x.device)
-        plan = _plan_for(model, units, x, self.batch_statistics, ek)
+        plan = _plan_for(self.model, self.units, x, self.batch_statistics, ek)
+        if self.cuda_graphs and (x.device.type == "cuda" or self._graph_factory is not None):
+            if self._graphed is None or self._graphed_plan is not plan:  # a new plan: the old captures are stale
+                from ._graphs import GraphedCall
+
+                self._graphed = GraphedCall(lambda s, xb, yb: self._score_eager(s, xb, yb, plan, ek),
+                                            self._graph_factory)
+                self._graphed_plan = plan
+            return self._graphed(states, x, y)
+        return self._score_eager(states, x, y, plan, ek)
+
+    def _score_eager(self, states, x, y, plan, ek):
+        """The scoring pass itself: kernels and PyTorch ops launched one by one."""
+        model, units = self.model, self.units
         out = []
         for chunk_states, members, xs in member_chunks(states, x, self.max_members):
             with _routed(model, units, chunk_states, self.batch_statistics, plan, ek):

@@ -24,6 +24,13 @@ from tolerances import assert_close
 NO_TF32 = dict(rtol=1e-4, atol=1e-4)  # tf32 is off in these tests (conftest): the interpreter's bound holds on a GPU
 
 
+def _all_kept(keep) -> bool:
+    """Whether a keep-mask, or kept-first orders, keep every channel of every member."""
+    if isinstance(keep, edropout_kernels.KeptFirstOrder):
+        return bool((keep.count == keep.channels).all())
+    return bool(keep.all())
+
+
 @pytest.fixture
 def kernel_calls(monkeypatch):
     """Records (kernel, in_keep.all(), out_keep.all(), folded) for every conv/linear kernel launch."""
@@ -33,7 +40,7 @@ def kernel_calls(monkeypatch):
         fn = getattr(edropout_kernels, name)
 
         def wrapped(x, weight, bias, in_keep, out_keep, **kw):
-            calls.append((name, bool(in_keep.all()), bool(out_keep.all()), kw.get("scale") is not None))
+            calls.append((name, _all_kept(in_keep), _all_kept(out_keep), kw.get("scale") is not None))
             return fn(x, weight, bias, in_keep, out_keep, **kw)
 
         return wrapped

@@ -1,0 +1,125 @@
+"""An evolving ``EDropout.step`` waits for the device once: the copy of the best state in ``edropout.host.read``.
+
+Counted on CPU: ATen operations that read a device value on the host (``.item()``, ``float()``, ``bool()``,
+``torch.equal`` reach the dispatcher as ``_local_scalar_dense``, ``is_nonzero``, ``equal``) and Python-level
+``.cpu()`` / ``.numpy()`` / ``.item()`` calls outside ``host.read``. On CUDA each of them would be a host
+synchronisation. (Host-to-device copies from pageable memory also wait on CUDA; they cannot be told apart on a
+CPU machine, so the engine routes them through ``host.upload``, which pins and copies without blocking.)
+"""
+import contextlib
+
+import pytest
+import torch
+from torch.utils._python_dispatch import TorchDispatchMode
+
+from edropout import EDropout, host
+from nets import small_net
+
+_SYNC_OPS = {"_local_scalar_dense", "is_nonzero", "equal", "item"}
+
+
+class _Syncs(TorchDispatchMode):
+    def __init__(self):
+        super().__init__()
+        self.ops = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        if func.overloadpacket.__name__ in _SYNC_OPS:
+            self.ops.append(func.overloadpacket.__name__)
+        return func(*args, **(kwargs or {}))
+
+
+@contextlib.contextmanager
+def counting(monkeypatch):
+    """Yields (sync-op list, python-call list, reads-before) while counting."""
+    calls, inside = [], [0]
+    read = host.read
+
+    def counted_read(*tensors):
+        inside[0] += 1
+        try:
+            return read(*tensors)
+        finally:
+            inside[0] -= 1
+
+    monkeypatch.setattr(host, "read", counted_read)
+    for name in ("cpu", "numpy", "item"):
+        original = getattr(torch.Tensor, name)
+
+        def wrapper(self, *a, _name=name, _original=original, **k):
+            if not inside[0]:
+                calls.append(_name)
+            return _original(self, *a, **k)
+
+        monkeypatch.setattr(torch.Tensor, name, wrapper)
+    before = host.reads
+    with _Syncs() as mode:
+        yield mode.ops, calls, before
+
+
+@pytest.mark.parametrize("backend", ["reference", "batched", "triton"])
+def test_evolving_step_reads_the_device_once(backend, monkeypatch):
+    torch.manual_seed(0)
+    model = small_net("resnet18")
+    g = torch.Generator().manual_seed(1)
+    x, y = torch.randn(6, 1, 8, 8, generator=g), torch.randint(0, 10, (6,), generator=g)
+    opt = torch.optim.Adadelta(model.parameters(), lr=1.0)
+    pruner = EDropout(model, x[:2], population_size=4, backend=backend, min_iterations=10 ** 9)
+    for _ in range(2):  # first calls build plans and probe the model (one-off host reads)
+        pruner.step(x, y, opt)
+    for _ in range(2):
+        with counting(monkeypatch) as (ops, calls, before):
+            pruner.step(x, y, opt)
+        assert ops == [] and calls == [], f"host synchronisations in step(): {ops + calls}"
+        assert host.reads - before == 1, "exactly one device read (the best state) per evolving step"
+        monkeypatch.undo()
+
+
+def test_step_info_reads_lazily_and_checks_gpu_labels_late():
+    torch.manual_seed(0)
+    model = small_net("resnet18")
+    g = torch.Generator().manual_seed(1)
+    x, y = torch.randn(6, 1, 8, 8, generator=g), torch.randint(0, 10, (6,), generator=g)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    pruner = EDropout(model, x[:2], population_size=4, backend="batched", min_iterations=10 ** 9)
+    info = pruner.step(x, y, opt)
+    assert isinstance(info.loss, float) and info.loss > 0 and info.best_energy <= info.mean_energy
+    assert 0.0 <= info.pruning_rate <= 1.0 and info.iteration == 1
+    with pytest.raises(ValueError, match="labels must lie"):
+        pruner.step(x, torch.full_like(y, 10), opt)  # labels on the host: checked at once
+
+
+class _RerunGraph:
+    """Stand-in for a CUDA graph on CPU: capture runs ``fn`` on the static inputs; replay reruns it into the same
+    output buffer, as a graph replay writes its static output."""
+
+    def capture(self, fn, inputs):
+        out = fn(*inputs)
+
+        class Graph:
+            def replay(self):
+                out.copy_(fn(*inputs))
+
+        return Graph(), out
+
+
+def test_cuda_graph_scoring_replays_captures_per_shape():
+    from edropout.backends import TritonBackend
+
+    torch.manual_seed(0)
+    model = small_net("resnet18")
+    g = torch.Generator().manual_seed(1)
+    x, y = torch.randn(6, 1, 8, 8, generator=g), torch.randint(0, 10, (6,), generator=g)
+    eager = EDropout(model, x[:2], population_size=4, backend="triton")
+    backend = TritonBackend(cuda_graphs=True, graph_factory=_RerunGraph())
+    graphed = EDropout(model, x[:2], population_size=4, backend=backend)
+    states = [torch.rand(4, eager.num_units, generator=g) < 0.6 for _ in range(3)]
+    for s in states:
+        expect = eager.score_states(s, x, y)
+        got = graphed.score_states(s, x, y)
+        torch.testing.assert_close(got, expect)
+        got.fill_(float("nan"))  # the caller's copy: the next replay must not see it
+    assert backend._graphed.captures == 1, "one capture per input shape"
+    graphed.score_states(torch.cat(states[:2]), x, y)  # S = 8: a new shape, a new capture
+    assert backend._graphed.captures == 2
+    torch.testing.assert_close(graphed.score_states(states[0], x, y), eager.score_states(states[0], x, y))
