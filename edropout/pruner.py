@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import contextlib
 import warnings
-from dataclasses import dataclass
 
 import torch
 import torch.nn as nn
@@ -30,18 +29,45 @@ from .state_view import StateView
 from .units import discover_units, model_outputs
 
 
-@dataclass
 class StepInfo:
     """What one ``step`` did: training loss, best and mean stored energy, pruning rate of the best state, and
-    whether the batch was skipped (``on_nonfinite="skip"``: no weight changed; loss NaN)."""
+    whether the batch was skipped (``on_nonfinite="skip"``: no weight changed; loss NaN).
 
-    iteration: int
-    loss: float
-    best_energy: float
-    mean_energy: float
-    pruning_rate: float
-    converged: bool
-    skipped: bool = False
+    The loss and energies stay on the device until read: reading one of them waits for the step's kernels (on
+    CUDA) once, for all three; a training loop that does not read them every step never waits for them."""
+
+    def __init__(self, iteration: int, loss: torch.Tensor, energies: torch.Tensor, view, converged: bool,
+                 skipped: bool = False):
+        self.iteration, self.converged, self.skipped = iteration, converged, skipped
+        self._loss, self._energies, self._view, self._values = loss.detach(), energies, view, None
+
+    def _read(self) -> list:
+        if self._values is None:
+            e = self._energies
+            self._values = torch.stack([self._loss.float().reshape(()), e.min().float(), e.mean().float()]).tolist()
+        return self._values
+
+    @property
+    def loss(self) -> float:
+        return self._read()[0]
+
+    @property
+    def best_energy(self) -> float:
+        return self._read()[1]
+
+    @property
+    def mean_energy(self) -> float:
+        return self._read()[2]
+
+    @property
+    def pruning_rate(self) -> float:
+        """Share of parameters the best state removes (from the state's host copy: no wait)."""
+        return self._view.pruning_rate
+
+    def __repr__(self) -> str:
+        return (f"StepInfo(iteration={self.iteration}, loss={self.loss:.4g}, best_energy={self.best_energy:.4g}, "
+                f"mean_energy={self.mean_energy:.4g}, pruning_rate={self.pruning_rate:.4g}, "
+                f"converged={self.converged}, skipped={self.skipped})")
 
 
 class EDropout:
@@ -193,8 +219,8 @@ class EDropout:
         warnings.warn(f"EDropout skipped a batch at iteration {self.iteration + 1}: {problem} "
                       f"({self.skipped_batches} skipped so far)", RuntimeWarning, stacklevel=3)
         energies = self.stored_energies if self.stored_energies is not None else torch.full((1,), float("nan"))
-        return StepInfo(self.iteration, float("nan"), float(energies.min()), float(energies.mean()),
-                        self.pruning_rate, self.converged, skipped=True)
+        return StepInfo(self.iteration, torch.tensor(float("nan")), energies, self.best_view, self.converged,
+                        skipped=True)
 
     def score_states(self, states: torch.Tensor, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         """Energies [N] of arbitrary states [N, D] on a batch; the model is left untouched. A state whose energy
@@ -320,8 +346,7 @@ class EDropout:
             self.backend.optimizer_step(optimizer, self.best_view)
         self.iteration += 1
         energies = self.stored_energies if self.stored_energies is not None else torch.full((1,), float("nan"))
-        return StepInfo(self.iteration, float(loss.detach()), float(energies.min()), float(energies.mean()),
-                        self.pruning_rate, self.converged)
+        return StepInfo(self.iteration, loss, energies, self.best_view, self.converged)
 
     def _training_logits(self, x):
         """The backend's training forward with the best state applied; under DDP inside DDP's forward, so that

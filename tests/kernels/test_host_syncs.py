@@ -1,10 +1,13 @@
-"""An evolving ``EDropout.step`` waits for the device once: the copy of the best state in ``edropout.host.read``.
+"""The host synchronisations of an evolving ``EDropout.step``: the convergence check (``edropout.host.read``, one
+transfer of the best state and its energy's finiteness) and the training-loss finiteness check of
+``on_nonfinite`` (``bool(isfinite(loss))``, one ``_local_scalar_dense``), and nothing else that these counters see.
 
 Counted on CPU: ATen operations that read a device value on the host (``.item()``, ``float()``, ``bool()``,
 ``torch.equal`` reach the dispatcher as ``_local_scalar_dense``, ``is_nonzero``, ``equal``) and Python-level
 ``.cpu()`` / ``.numpy()`` / ``.item()`` calls outside ``host.read``. On CUDA each of them would be a host
-synchronisation. (Host-to-device copies from pageable memory also wait on CUDA; they cannot be told apart on a
-CPU machine, so the engine routes them through ``host.upload``, which pins and copies without blocking.)
+synchronisation. Not seen here, and listed in the README instead: the batch check's one ``.tolist()``
+(``checks.batch_problem``), and host-to-device copies from pageable memory, which the engine routes through
+``host.upload`` (pinned, non-blocking).
 """
 import contextlib
 
@@ -70,12 +73,12 @@ def test_evolving_step_reads_the_device_once(backend, monkeypatch):
     for _ in range(2):
         with counting(monkeypatch) as (ops, calls, before):
             pruner.step(x, y, opt)
-        assert ops == [] and calls == [], f"host synchronisations in step(): {ops + calls}"
+        assert ops == ["_local_scalar_dense"] and calls == [], f"host synchronisations in step(): {ops + calls}"
         assert host.reads - before == 1, "exactly one device read (the best state) per evolving step"
         monkeypatch.undo()
 
 
-def test_step_info_reads_lazily_and_checks_gpu_labels_late():
+def test_step_info_reads_lazily():
     torch.manual_seed(0)
     model = small_net("resnet18")
     g = torch.Generator().manual_seed(1)
@@ -85,8 +88,7 @@ def test_step_info_reads_lazily_and_checks_gpu_labels_late():
     info = pruner.step(x, y, opt)
     assert isinstance(info.loss, float) and info.loss > 0 and info.best_energy <= info.mean_energy
     assert 0.0 <= info.pruning_rate <= 1.0 and info.iteration == 1
-    with pytest.raises(ValueError, match="labels must lie"):
-        pruner.step(x, torch.full_like(y, 10), opt)  # labels on the host: checked at once
+    assert info._values is not None  # read once, for all three values
 
 
 class _RerunGraph:

@@ -9,7 +9,8 @@ import torch.nn.functional as F
 import edropout_kernels as ek
 from edropout_kernels._gather import GATHER_BLOCK_J, gather_kept_activations, gather_kept_weights, padded_channels
 from edropout_kernels import masked_optimizer
-from kernel_helpers import DEVICE, ON_CUDA, assert_close_rel, make_keep, nonzero_randn
+from kernel_helpers import DEVICE, ON_CUDA, make_keep, nonzero_randn
+from tolerances import assert_close
 from test_population_conv2d import conv_reference
 from test_population_linear import batchnorm_reference, linear_reference
 
@@ -21,16 +22,16 @@ def _lists(keep):
     return index, [int(keep[s].sum()) for s in range(keep.shape[0])]
 
 
-def test_kept_channels_of_layers_matches_per_layer_definition():
+def test_kept_first_orders_match_per_layer_definition():
     gen = torch.Generator().manual_seed(5)
     keeps = [make_keep(kind, 5, n, gen) for kind, n in (("random", 7), ("none1", 1), ("all", 4), ("random", 33))]
-    lists = ek.kept_channels_of_layers(keeps)
+    lists = ek.kept_first_orders(keeps)
     for keep, kept in zip(keeps, lists):
         index, count = _lists(keep.cpu())
         assert kept.index.tolist() == index and kept.count.tolist() == count
         assert kept.index.dtype == torch.int32 and kept.count.dtype == torch.int32
     # the same lists as one layer at a time
-    single = ek.kept_channels(keeps[3])
+    single = ek.kept_first_order(keeps[3])
     assert torch.equal(single.index, lists[3].index) and torch.equal(single.count, lists[3].count)
 
 
@@ -42,7 +43,7 @@ def test_gather_kept_activations_writes_kept_channels_then_zeros(channels_last):
     if channels_last:
         x = x.contiguous(memory_format=torch.channels_last)
     keep = make_keep("none1", members, channels, gen)
-    out = gather_kept_activations(x, ek.kept_channels(keep), members)
+    out = gather_kept_activations(x, ek.kept_first_order(keep), members)
     pad = padded_channels(channels)
     assert out.shape == (members * batch, 3, 5, pad) and pad % 64 == 0
     for s in range(members):
@@ -60,7 +61,7 @@ def test_gather_kept_weights_orders_kept_outputs_and_inputs_first():
     w = nonzero_randn(n_out, n_in, 3, 2, gen=gen)
     keep_in = make_keep("random", members, n_in, gen)
     keep_out = make_keep("none1", members, n_out, gen)
-    out = gather_kept_weights(w, ek.kept_channels(keep_in), ek.kept_channels(keep_out))
+    out = gather_kept_weights(w, ek.kept_first_order(keep_in), ek.kept_first_order(keep_out))
     assert out.shape == (members, n_out, 6, padded_channels(n_in))
     for s in range(members):
         rows, cols = keep_out[s].nonzero().flatten(), keep_in[s].nonzero().flatten()
@@ -84,11 +85,11 @@ def test_population_conv2d_row_mappings_and_k_chunks(block_m, block_k):
     y = population_conv2d_call(x, w, b, keep_in, keep_out, members, block_m, block_k)
     ref = conv_reference(x, w, b, keep_in, keep_out, members, 2, 1)
     assert y.shape == ref.shape == (members * batch, c_out, 4, 4)
-    assert_close_rel(y, ref)
+    assert_close(y, ref, path="kernel", scaled=True)
 
 
 def population_conv2d_call(x, w, b, keep_in, keep_out, members, block_m, block_k):
-    return ek.population_conv2d(x, w, b, ek.kept_channels(keep_in), ek.kept_channels(keep_out), members=members,
+    return ek.population_conv2d(x, w, b, ek.kept_first_order(keep_in), ek.kept_first_order(keep_out), members=members,
                                 stride=2, padding=1, allow_tf32=ON_CUDA, block_m=block_m, block_n=16,
                                 block_k=block_k)
 
@@ -99,9 +100,9 @@ def test_population_linear_takes_precomputed_kept_lists_and_rejects_bad_blocks()
     x = nonzero_randn(members * batch, n_in, gen=gen)
     w = nonzero_randn(n_out, n_in, gen=gen, scale=0.2)
     keep_in, keep_out = make_keep("random", members, n_in, gen), make_keep("random", members, n_out, gen)
-    kept_in, kept_out = ek.kept_channels_of_layers([keep_in, keep_out])
+    kept_in, kept_out = ek.kept_first_orders([keep_in, keep_out])
     y = ek.population_linear(x, w, None, kept_in, kept_out, members=members, allow_tf32=ON_CUDA)
-    assert_close_rel(y, linear_reference(x, w, None, keep_in, keep_out, members))
+    assert_close(y, linear_reference(x, w, None, keep_in, keep_out, members), path="kernel", scaled=True)
     with pytest.raises(ValueError, match="block_k"):
         ek.population_linear(x, w, None, kept_in, kept_out, members=members, block_k=128)
     with pytest.raises(ValueError, match="list"):
@@ -121,7 +122,7 @@ def test_population_batchnorm_merges_statistics_over_many_tiles(shape, channels_
     gamma, beta = nonzero_randn(c, gen=gen), nonzero_randn(c, gen=gen)
     keep = make_keep("random", members, c, gen)
     got = ek.population_batchnorm(y, members, gamma, beta, 1e-5, out_keep=keep)
-    assert_close_rel(got, batchnorm_reference(y, members, gamma, beta, 1e-5, keep, False))
+    assert_close(got, batchnorm_reference(y, members, gamma, beta, 1e-5, keep, False), path="kernel", scaled=True)
 
 
 def test_masked_step_reuses_its_device_pointer_table():
