@@ -151,8 +151,8 @@ class EDropout:
         population = evo.keep_one_per_group(population, self._group_of_unit, self.generator, self._groups)
         self.population = self._on_target(population).to(self.device)
         self.stored_energies = None
-        self.best_state = torch.ones(self.units.num_units, dtype=torch.bool, device=self.device)
-        self._best_host = torch.ones(self.units.num_units, dtype=torch.bool)  # the best state's host copy
+        all_kept = torch.ones(self.units.num_units, dtype=torch.bool)
+        self._set_best(all_kept.to(self.device), all_kept)
         self.convergence = evo.Convergence(int(min_iterations), int(patience))
         self.iteration = 0
         self.converged = False
@@ -284,7 +284,7 @@ class EDropout:
             return "every population member's energy is non-finite on this batch"
         self.population, self.stored_energies = population, energies
         if changed:
-            self.best_state, self._best_host = best.clone(), best_host
+            self._set_best(best.clone(), best_host)
             if self.parallelism is not None:
                 self._state_check.update(self.best_state, self.iteration + 1)
         if self.convergence.update(self.iteration + 1, changed):
@@ -292,6 +292,22 @@ class EDropout:
         return None
 
     # ----- training ------------------------------------------------------------------------------------
+    @property
+    def best_state(self) -> torch.Tensor:
+        """The best state [D] (True = keep), on the model's device."""
+        return self._best_state
+
+    @best_state.setter
+    def best_state(self, state: torch.Tensor) -> None:
+        # a user's assignment (e.g. to export a chosen state) also records the host copy the derived masks and
+        # the pruning rate read, at the cost of one device read
+        state = torch.as_tensor(state).bool()
+        self._set_best(state.to(self.device), state.detach().cpu())
+
+    def _set_best(self, state: torch.Tensor, host: torch.Tensor) -> None:
+        """Make ``state`` (on the device) the best state, with ``host`` its copy on the host."""
+        self._best_state, self._best_host = state, host
+
     @property
     def best_view(self) -> StateView:
         """The best state's ``StateView`` (keep-masks, statistics keeps, pruning rate, ...), built once per best
@@ -500,8 +516,8 @@ class EDropout:
         self.population = state["population"].to(self.device).bool()
         energies = state["stored_energies"]
         self.stored_energies = None if energies is None else energies.to(self.device)
-        self._best_host = state["best_state"].cpu().bool()
-        self.best_state = self._best_host.to(self.device)
+        host = state["best_state"].cpu().bool()
+        self._set_best(host.to(self.device), host)
         self.generator.set_state(state["generator"])
         self.iteration = int(state["iteration"])
         self.converged = bool(state["converged"])
