@@ -44,7 +44,7 @@ class StepInfo:
     def _read(self) -> list:
         if self._values is None:
             e = self._energies
-            self._values = torch.stack([self._loss.float().reshape(()), e.min().float(), e.mean().float()]).tolist()
+            self._values = torch.stack([self._loss.double().reshape(()), e.min().double(), e.mean().double()]).tolist()
         return self._values
 
     @property
