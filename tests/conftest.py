@@ -17,6 +17,15 @@ def no_data_outside_the_repository(monkeypatch):
     monkeypatch.setattr(edropout.app.data, "FASHION_MNIST_DIR", "/nonexistent/edropout-tests/fashion-mnist")
 
 
+@pytest.fixture(autouse=True)
+def thread_count_restored():
+    """A test that sets torch's CPU thread count (the CLI's --threads, a benchmark config) gives it back: the next
+    test's sums would otherwise round differently from a subprocess's."""
+    threads = torch.get_num_threads()
+    yield
+    torch.set_num_threads(threads)
+
+
 @pytest.fixture
 def batch():
     g = torch.Generator().manual_seed(1)

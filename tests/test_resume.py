@@ -104,7 +104,9 @@ def test_a_signal_saves_at_the_current_iteration_and_exits_with_one_line(signum,
 def test_sigkill_mid_epoch_resumes_bit_equal(uninterrupted, tmp_path):
     out = str(tmp_path / "run")
     # a real SIGKILL in a real process, right after the 6th iteration's checkpoint (--checkpoint-every 0)
-    script = (f"import os, signal, sys\nfrom edropout.app import training\noriginal = training.Run.save\n"
+    # the killed process sums with as many CPU threads as this one: another count rounds differently
+    script = (f"import os, signal, sys, torch\ntorch.set_num_threads({torch.get_num_threads()})\n"
+              f"from edropout.app import training\noriginal = training.Run.save\n"
               f"def save(self):\n    original(self)\n    if self.pruner.iteration == {STOP_AT}:\n"
               f"        os.kill(os.getpid(), signal.SIGKILL)\ntraining.Run.save = save\n"
               f"from edropout.app.cli import main\nsys.exit(main({TINY + ['--model', 'squeezenet', '--out', out]!r}"
@@ -115,6 +117,17 @@ def test_sigkill_mid_epoch_resumes_bit_equal(uninterrupted, tmp_path):
     assert not os.path.exists(os.path.join(out, "report.json"))
     assert main(TINY + ["--model", "squeezenet", "--out", out, "--resume"]) == 0
     _assert_bit_equal(_final(out), uninterrupted["squeezenet"])
+
+
+def test_resuming_with_another_thread_count_says_it_will_not_be_bit_equal(tmp_path, capsys):
+    assert _run(tmp_path, "--epochs", "1", "--threads", "1") == 0
+    capsys.readouterr()
+    assert _run(tmp_path, "--epochs", "2", "--resume", "--threads", "2") == 0
+    assert capsys.readouterr().err.strip().splitlines()[-1] == (
+        "warning: the run was written with 1 CPU threads and continues with 2; CPU sums then round differently, so "
+        "it will not end bit-equal to an uninterrupted run (pass --threads 1 for that)")
+    assert _run(tmp_path, "--epochs", "3", "--resume", "--threads", "2") == 0
+    assert "warning" not in capsys.readouterr().err  # the last checkpoint was written with 2
 
 
 def _run(tmp_path, *extra):

@@ -308,6 +308,11 @@ def _prune(args, launch, run_state) -> dict | None:
         if launch.writes:
             print(f"resumed from {run.checkpoint_path} at epoch {run.epoch + 1}, iteration {pruner.iteration}",
                   file=sys.stderr)
+            written_with = saved.get("threads", torch.get_num_threads())
+            if written_with != torch.get_num_threads() and device.type == "cpu":
+                print(f"warning: the run was written with {written_with} CPU threads and continues with "
+                      f"{torch.get_num_threads()}; CPU sums then round differently, so it will not end bit-equal to "
+                      f"an uninterrupted run (pass --threads {written_with} for that)", file=sys.stderr)
     run_state["run"] = run
     progress = None
     if not args.no_progress and launch.writes:

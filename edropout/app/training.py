@@ -152,7 +152,8 @@ class Run:
                      "epoch": self.epoch, "order": self.order, "position": self.position,
                      "epoch_elapsed": self.epoch_elapsed, "history": self.history,
                      "epoch_seconds": self.epoch_seconds, "converged_at": self.converged_at,
-                     "resumes": self.resumes, "world_size": self.world_size, "parallel": self.parallel},
+                     "resumes": self.resumes, "world_size": self.world_size, "parallel": self.parallel,
+                     "threads": torch.get_num_threads()},
                     self.checkpoint_path)
         self._last_save = time.monotonic()
 
