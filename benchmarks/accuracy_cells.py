@@ -213,6 +213,24 @@ def _size_figures(bench: Bench, dense, small, classifier: str) -> dict:
             "units_kept": 100 * producer_channels(small, classifier) / producer_channels(dense, classifier)}
 
 
+def _resume_training(path: str, progress: Progress, **objects) -> dict | None:
+    """Continue a cell from its last end-of-epoch checkpoint, if it has one: each of ``objects`` (model,
+    optimizer, scheduler, pruner) loads its entry, in that order, then ``progress``; returns the checkpoint."""
+    if not os.path.exists(path):
+        return None
+    saved = _load(path)
+    for key, owner in objects.items():
+        owner.load_state_dict(saved[key])
+    progress.load_state_dict(saved["progress"])
+    return saved
+
+
+def _save_training(path: str, model, optimizer, scheduler, progress: Progress) -> None:
+    """The end-of-epoch checkpoint of a plainly trained cell (written atomically)."""
+    atomic_save({"model": model.state_dict(), "optimizer": optimizer.state_dict(),
+                 "scheduler": scheduler.state_dict(), "progress": progress.state_dict()}, path)
+
+
 # ----- dense ---------------------------------------------------------------------------------------------------
 def run_dense(bench: Bench, cell: Cell, spec: dict) -> dict:
     """Plain training for all epochs; keeps the checkpoint at ``prune_epoch`` for the pruning baselines."""
@@ -220,20 +238,13 @@ def run_dense(bench: Bench, cell: Cell, spec: dict) -> dict:
     optimizer, scheduler = bench.optimizer_and_schedule(model.parameters(), cell.net, spec)
     progress = Progress(cell.seed)
     path = os.path.join(bench.cell_dir(cell), "checkpoint.pt")
-    if os.path.exists(path):
-        saved = _load(path)
-        model.load_state_dict(saved["model"])
-        optimizer.load_state_dict(saved["optimizer"])
-        scheduler.load_state_dict(saved["scheduler"])
-        progress.load_state_dict(saved["progress"])
+    _resume_training(path, progress, model=model, optimizer=optimizer, scheduler=scheduler)
 
     def end_of_epoch():
         progress.val_curve.append(evaluate(model, bench.val_x, bench.val_y)[0])
-        state = {"model": model.state_dict(), "optimizer": optimizer.state_dict(),
-                 "scheduler": scheduler.state_dict(), "progress": progress.state_dict()}
-        atomic_save(state, path)
+        _save_training(path, model, optimizer, scheduler, progress)
         if progress.epoch == bench.config["prune_epoch"]:
-            atomic_save(state, bench.snapshot_path(cell.net, cell.seed))
+            _save_training(bench.snapshot_path(cell.net, cell.seed), model, optimizer, scheduler, progress)
         _write_progress(bench, cell, progress)
 
     _train_epochs(bench, progress, _plain_step(model, optimizer), scheduler, bench.epochs, end_of_epoch)
@@ -295,17 +306,11 @@ def run_pruned_baseline(bench: Bench, cell: Cell, spec: dict) -> dict:
     prefix_seconds = sum(progress.epoch_seconds)
     progress.val_curve, progress.epoch_seconds, progress.load_average = [], [], []
     path = os.path.join(bench.cell_dir(cell), "checkpoint.pt")
-    if os.path.exists(path):
-        saved = _load(path)
-        small.load_state_dict(saved["model"])
-        optimizer.load_state_dict(saved["optimizer"])
-        scheduler.load_state_dict(saved["scheduler"])
-        progress.load_state_dict(saved["progress"])
+    _resume_training(path, progress, model=small, optimizer=optimizer, scheduler=scheduler)
 
     def end_of_epoch():
         progress.val_curve.append(evaluate(small, bench.val_x, bench.val_y)[0])
-        atomic_save({"model": small.state_dict(), "optimizer": optimizer.state_dict(),
-                     "scheduler": scheduler.state_dict(), "progress": progress.state_dict()}, path)
+        _save_training(path, small, optimizer, scheduler, progress)
         _write_progress(bench, cell, progress)
 
     _train_epochs(bench, progress, _plain_step(small, optimizer), scheduler, bench.epochs, end_of_epoch)
@@ -346,13 +351,8 @@ def run_edropout(bench: Bench, cell: Cell, spec: dict) -> dict:
     progress = Progress(cell.seed)
     history, converged_at = [], [None]
     path = os.path.join(bench.cell_dir(cell), "checkpoint.pt")
-    if os.path.exists(path):
-        saved = _load(path)
-        model.load_state_dict(saved["model"])
-        optimizer.load_state_dict(saved["optimizer"])
-        scheduler.load_state_dict(saved["scheduler"])
-        pruner.load_state_dict(saved["pruner"])
-        progress.load_state_dict(saved["progress"])
+    saved = _resume_training(path, progress, model=model, optimizer=optimizer, scheduler=scheduler, pruner=pruner)
+    if saved is not None:
         history, converged_at = list(saved["history"]), [saved["converged_at"]]
 
     def step(x, y):

@@ -32,6 +32,7 @@ Construct times are measured at normal priority on a shared machine (not under `
 from __future__ import annotations
 
 import argparse
+import contextlib
 import copy
 import datetime
 import json
@@ -88,44 +89,9 @@ def build(source, name, kwargs):
 
 
 # ----- independent definitions (nothing from edropout's scoring code) ----------------------------------------------
-def independent_energies(model, units, states, x, y):
-    """Margin energy of each state: a copy of the model in eval mode whose BatchNorms have no running statistics
-    (so they normalise with the batch's own statistics, one state per forward), masks multiplied into the mask
-    points' outputs by hooks written here."""
-    import torch
-    import torch.nn as nn
-
-    net = copy.deepcopy(model).eval()
-    for m in net.modules():
-        if isinstance(m, nn.modules.batchnorm._BatchNorm):
-            m.running_mean, m.running_var, m.num_batches_tracked = None, None, None
-            m.track_running_stats = False
-    modules = dict(net.named_modules())
-    out = []
-    for state in states:
-        ext = torch.cat([state.bool(), torch.ones(1, dtype=torch.bool)])
-        handles = []
-        for p in units.mask_points:
-            keep = ext[p.index].float()
-
-            def hook(module, inputs, output, keep=keep, dim=p.channel_dim):
-                shape = [1] * output.dim()
-                shape[dim] = -1
-                return output * keep.view(shape)
-
-            handles.append(modules[p.module_name].register_forward_hook(hook))
-        with torch.no_grad():
-            z = net(x)
-        for h in handles:
-            h.remove()
-        true = z.gather(1, y[:, None]).squeeze(1)
-        others = z.scatter(1, y[:, None], float("-inf")).amax(dim=1)
-        out.append((others - true).mean())
-    return torch.stack(out)
-
-
-def masked_outputs(model, units, state, x):
-    """The masked model's eval-mode output (running statistics), through hooks written here."""
+@contextlib.contextmanager
+def masked_by_hooks(model, units, state):
+    """While inside, each mask point's output is multiplied by its unit's keep bit (forward hooks written here)."""
     import torch
 
     modules = dict(model.named_modules())
@@ -140,14 +106,45 @@ def masked_outputs(model, units, state, x):
             return output * keep.view(shape)
 
         handles.append(modules[p.module_name].register_forward_hook(hook))
-    was = {m: m.training for m in model.modules()}
-    model.eval()
     try:
-        with torch.no_grad():
-            return model(x)
+        yield
     finally:
         for h in handles:
             h.remove()
+
+
+def independent_energies(model, units, states, x, y):
+    """Margin energy of each state: a copy of the model in eval mode whose BatchNorms have no running statistics
+    (so they normalise with the batch's own statistics, one state per forward), masks multiplied into the mask
+    points' outputs by hooks written here."""
+    import torch
+    import torch.nn as nn
+
+    net = copy.deepcopy(model).eval()
+    for m in net.modules():
+        if isinstance(m, nn.modules.batchnorm._BatchNorm):
+            m.running_mean, m.running_var, m.num_batches_tracked = None, None, None
+            m.track_running_stats = False
+    out = []
+    for state in states:
+        with masked_by_hooks(net, units, state), torch.no_grad():
+            z = net(x)
+        true = z.gather(1, y[:, None]).squeeze(1)
+        others = z.scatter(1, y[:, None], float("-inf")).amax(dim=1)
+        out.append((others - true).mean())
+    return torch.stack(out)
+
+
+def masked_outputs(model, units, state, x):
+    """The masked model's eval-mode output (running statistics), through hooks written here."""
+    import torch
+
+    was = {m: m.training for m in model.modules()}
+    model.eval()
+    try:
+        with masked_by_hooks(model, units, state), torch.no_grad():
+            return model(x)
+    finally:
         for m, t in was.items():
             m.training = t
 

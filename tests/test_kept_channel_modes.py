@@ -8,14 +8,11 @@ import pytest
 import torch
 import torch.fx
 import torch.nn as nn
-import torch.nn.functional as F
 
 from edropout import EDropout
 from edropout.backends import CompactBackend
 from edropout.energy import margin_energy
-from edropout.state_view import StateView
-from edropout.masked_update import frozen_statistics
-from edropout.masking import masked
+from kept_channel_pass import training_pass
 from nets import randomise_bn
 
 
@@ -57,21 +54,6 @@ class ResidualNet(nn.Module):
         return self.fc(self.drop(h.mean(dim=(2, 3))))
 
 
-def _step(model, units, state, x, y, kept_only):
-    """Logits, gradients, buffers and the random state after one training forward/backward."""
-    model.zero_grad(set_to_none=True)
-    with frozen_statistics(StateView(model, units, state).statistics_keeps):
-        if kept_only:
-            logits = CompactBackend().bind(model, units, margin_energy).kept_channel_logits(state, x)
-            assert logits is not None  # really the interpreter
-        else:
-            with masked(model, units, state):
-                logits = model(x)
-        F.cross_entropy(logits, y).backward()
-    return (logits.detach(), {n: p.grad.clone() for n, p in model.named_parameters()},
-            {n: b.clone() for n, b in model.named_buffers()}, torch.get_rng_state())
-
-
 def _close(a, b):
     return bool((a - b).abs().max() <= 1e-10 * (1 + b.abs().max()))
 
@@ -97,9 +79,9 @@ def test_kept_channel_training_follows_module_modes_and_draws_the_dense_random_n
                 net.depth.train(not depth_train)
                 net.drop.train(not drop_train)
         torch.manual_seed(11 + call)
-        got = _step(model, pruner.units, state, x, y, True)
+        got = training_pass(model, pruner.units, state, x, y, True)
         torch.manual_seed(11 + call)
-        want = _step(dense, pruner.units, state, x, y, False)
+        want = training_pass(dense, pruner.units, state, x, y, False)
         assert _close(got[0], want[0]), call
         for key in want[1]:
             assert _close(got[1][key], want[1][key]), (call, key)
@@ -109,7 +91,7 @@ def test_kept_channel_training_follows_module_modes_and_draws_the_dense_random_n
         outs.append(got[0])
     # the modes really act: in train mode the seed changes the output, in eval mode it does not
     torch.manual_seed(99)
-    again = _step(model, pruner.units, state, x, y, True)[0]
+    again = training_pass(model, pruner.units, state, x, y, True)[0]
     random_now = (not depth_train) or (not drop_train)
     assert (not _close(again, outs[2])) == random_now
 

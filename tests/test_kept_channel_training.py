@@ -6,14 +6,11 @@ import copy
 import pytest
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
 
 from edropout import EDropout
-from edropout.backends import CompactBackend
-from edropout.energy import margin_energy
-from edropout.masked_update import frozen_statistics
 from edropout.masking import masked
 from edropout.state_view import StateView
+from kept_channel_pass import training_pass
 from nets import NETS, ConcatNet, randomise_bn, small_net
 from tolerances import assert_close
 
@@ -49,22 +46,6 @@ def _net(name):
     return small_net(name) if name != "concat" else ConcatNet()
 
 
-def _forward_backward(model, units, state, x, y, kept_only):
-    """Logits, parameter gradients and running statistics after one training forward/backward."""
-    model.zero_grad(set_to_none=True)
-    torch.manual_seed(7)  # same dropout draws for both paths
-    with frozen_statistics(StateView(model, units, state).statistics_keeps):
-        if kept_only:
-            logits = CompactBackend().bind(model, units, margin_energy).kept_channel_logits(state, x)
-            assert logits is not None  # really the interpreter
-        else:
-            with masked(model, units, state):
-                logits = model(x)
-        F.cross_entropy(logits, y).backward()
-    grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
-    return logits.detach(), grads, {n: b.clone() for n, b in model.named_buffers()}
-
-
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
 @pytest.mark.parametrize("name", NETS + ("concat", "dropout", "frozen_bn"))
 def test_kept_channel_training_step_equals_masked_dense(name, dtype, batch):
@@ -79,8 +60,10 @@ def test_kept_channel_training_step_equals_masked_dense(name, dtype, batch):
     state = torch.rand(pruner.num_units, generator=g) < 0.6
     dense_model = copy.deepcopy(model)
     before = {k: b.clone() for k, b in model.named_buffers() if "running" in k}
-    out_c, grads_c, bufs_c = _forward_backward(model, pruner.units, state, x, y, True)
-    out_d, grads_d, bufs_d = _forward_backward(dense_model, pruner.units, state, x, y, False)
+    torch.manual_seed(7)  # the same dropout draws for both paths
+    out_c, grads_c, bufs_c, _ = training_pass(model, pruner.units, state, x, y, True)
+    torch.manual_seed(7)
+    out_d, grads_d, bufs_d, _ = training_pass(dense_model, pruner.units, state, x, y, False)
     # float32: the two paths sum in different orders; gradients through BatchNorm on 12 samples differ by up to
     # ~1e-5 of a tensor's scale (measured); float64 pins the arithmetic itself
     rel = 1e-10 if dtype == torch.float64 else 2e-4
@@ -102,7 +85,7 @@ def test_pruned_channels_keep_their_running_statistics(batch):
     keeps = StateView(model, pruner.units, state).statistics_keeps
     before = {m: (m.running_mean.clone(), m.running_var.clone()) for m in keeps}
     for kept_only in (True, False):
-        _forward_backward(model, pruner.units, state, x, y, kept_only)
+        training_pass(model, pruner.units, state, x, y, kept_only)
     moved = 0
     for m, keep in keeps.items():
         mean, var = before[m]
