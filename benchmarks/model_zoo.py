@@ -176,7 +176,7 @@ def short(exc) -> str:
 
 
 # ----- one model ---------------------------------------------------------------------------------------------------
-def run_one(source, name, kwargs, side) -> dict:
+def run_one(source, name, kwargs, side, triton_seconds: int = TRITON_SECONDS) -> dict:
     """Every check on one model; a dict for the table (errors recorded, not raised)."""
     os.environ.setdefault("TRITON_INTERPRET", "1")  # before edropout_kernels is imported
     import torch
@@ -185,7 +185,8 @@ def run_one(source, name, kwargs, side) -> dict:
     from edropout.budget import BudgetExceeded, budget
 
     torch.set_num_threads(2)
-    row = {"model": f"{source}/{name}", "input": [BATCH, 3, side, side]}
+    row = {"model": f"{source}/{name}", "input": [BATCH, 3, side, side],
+           "limits_s": {"triton": triton_seconds, "other_backends": BACKEND_SECONDS}}
     model = build(source, name, kwargs)
     row["parameters"] = parameters(model)
     g = torch.Generator().manual_seed(1)
@@ -212,7 +213,7 @@ def run_one(source, name, kwargs, side) -> dict:
             warnings.simplefilter("always")
             try:
                 start = time.perf_counter()
-                seconds = TRITON_SECONDS if backend == "triton" else BACKEND_SECONDS
+                seconds = triton_seconds if backend == "triton" else BACKEND_SECONDS
                 got = limited(seconds, lambda: pruner.score_states(states[:members], x[:rows], y[:rows]))
                 expected = want if rows == BATCH else independent_energies(model, units, states[:members], x[:rows],
                                                                           y[:rows])
@@ -348,7 +349,7 @@ def cap_memory():
     resource.setrlimit(resource.RLIMIT_AS, (MEMORY_CAP, MEMORY_CAP))
 
 
-def run_all(names, cache: Path, run: bool = True, timeout: int = TIMEOUT) -> list:
+def run_all(names, cache: Path, run: bool = True, timeout: int = TIMEOUT, triton_seconds: int = TRITON_SECONDS) -> list:
     """Rows of the selected models, each from the cache or (``run``) from a fresh subprocess."""
     cache.mkdir(parents=True, exist_ok=True)
     rows = []
@@ -363,7 +364,8 @@ def run_all(names, cache: Path, run: bool = True, timeout: int = TIMEOUT) -> lis
             print(f"{source}/{name} ...", flush=True)
             start = time.time()
             try:
-                proc = subprocess.run([sys.executable, __file__, "--one", source, name, "--json", str(path)],
+                proc = subprocess.run([sys.executable, __file__, "--one", source, name, "--json", str(path),
+                                       "--triton-seconds", str(triton_seconds)],
                                       preexec_fn=cap_memory, capture_output=True, text=True, timeout=timeout)
                 if not path.exists():
                     tail = (proc.stderr or proc.stdout).strip().splitlines()[-3:]
@@ -436,10 +438,17 @@ def markdown(rows, meta) -> str:
                      f"{energies} | {export} | {r.get('rate', {}).get('exact', '–')} | {kept} | {fin} | {tpr} | "
                      f"{verdict(r)} |")
     lines += ["", "`*`: the backend warned (e.g. a fallback); the warnings are in model_zoo.json. `t/o`: the check ran "
-              f"past the benchmark's limit ({TRITON_SECONDS} s for the triton interpreter, {BACKEND_SECONDS} s "
+              f"past the benchmark's limit (for the triton interpreter {_triton_limits(rows)}, {BACKEND_SECONDS} s "
               f"otherwise); `mem`: past the {MEMORY_CAP / 2 ** 30:.0f} GiB cap; `err`: the error is in "
               "model_zoo.json. `–`: not applicable (no dropout-like module)."]
     return "\n".join(lines) + "\n"
+
+
+def _triton_limits(rows) -> str:
+    """The triton interpreter's limits the rows ran under, e.g. '30 s' or '30 s or 600 s (per row in the json)'."""
+    limits = sorted({r.get("limits_s", {}).get("triton", TRITON_SECONDS) for r in rows if "crash" not in r})
+    text = " or ".join(f"{limit} s" for limit in limits)
+    return text + (" (per row in model_zoo.json)" if len(limits) > 1 else "")
 
 
 def readme_table(rows) -> str:
@@ -465,6 +474,8 @@ def readme_table(rows) -> str:
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--triton-seconds", type=int, default=TRITON_SECONDS,
+                        help="limit of the triton backend's energies in Triton's interpreter, per model")
     parser.add_argument("--one", nargs=2, metavar=("SOURCE", "NAME"), help=argparse.SUPPRESS)
     parser.add_argument("--json", help=argparse.SUPPRESS)
     parser.add_argument("--models", nargs="*", default=[], help="only these model names")
@@ -476,10 +487,11 @@ def main():
     if args.one:
         source, name = args.one
         spec = next(m for m in MODELS if m[0] == source and m[1] == name)
-        row = run_one(*spec)
+        row = run_one(*spec, triton_seconds=args.triton_seconds)
         Path(args.json).write_text(json.dumps(row, indent=1))
         return
-    rows = run_all(set(args.models), Path(args.cache), run=not args.report_only, timeout=args.timeout)
+    rows = run_all(set(args.models), Path(args.cache), run=not args.report_only, timeout=args.timeout,
+                   triton_seconds=args.triton_seconds)
     import timm
     import torch
     import torchvision

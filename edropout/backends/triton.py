@@ -259,9 +259,12 @@ def _self_check(model, units, plan, probe_x, batch_statistics, ek) -> None:
         bad = bool(error > _SELF_CHECK_RTOL)
     if bad:
         raise RuntimeError("backend='triton' gives different outputs than backend='reference' for this model "
-                           "(checked once on a few rows of the first batch). The usual cause is a model that "
+                           "(checked once on a few rows of the first batch). The usual causes: a model that "
                            "mixes rows of a batch (e.g. statistics over the batch outside BatchNorm), which a "
-                           "one-batch population cannot score; use backend='reference'")
+                           "one-batch population cannot score (use backend='reference'); or BatchNorm over so few "
+                           "values per channel (e.g. 1x1 feature maps of two rows) that float32 rounding decides "
+                           "their signs, so no two backends agree (score larger batches or larger inputs, or pass "
+                           "score_in_eval_mode=True)")
 
 
 def _plan_for(model, units, x, batch_statistics, ek) -> _Plan:
