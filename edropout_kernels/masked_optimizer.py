@@ -25,6 +25,11 @@ Conventions (all documented differences from a plain ``torch.optim`` step are he
 * State tensors use torch's keys, dtypes, shapes and devices (``step`` is a 0-d CPU tensor), so
   ``optimizer.state_dict()`` stays valid and the ordinary ``optimizer.step()`` can take over at any time.
 
+* ``only_if`` (a 0-d bool tensor on the parameters' device, e.g. ``torch.isfinite(loss)``): the kernel reads it
+  and, when it is False, writes nothing, so the device decides whether the step happens and the host never waits
+  to find out. The host-side bookkeeping (step counters, lazily created state) is done either way; the returned
+  ``TakenStep.undo()`` puts it back once the caller has read the flag and found it False.
+
 Supported: ``SGD`` (momentum, dampening, nesterov, weight_decay, maximize), ``Adam`` / ``AdamW`` (betas,
 eps, weight_decay, amsgrad, maximize, decoupled weight decay), ``Adadelta`` (rho, eps, weight_decay,
 maximize), float32 contiguous dense real parameters and gradients. Anything else makes
@@ -41,7 +46,7 @@ import triton.language as tl
 
 from ._checks import INTERPRET, cpu_launches
 
-__all__ = ["fused_masked_step", "supports", "DEFAULT_BLOCK"]
+__all__ = ["fused_masked_step", "supports", "TakenStep", "DEFAULT_BLOCK"]
 
 #: Elements per program. Every program handles one block of one tensor (flattened grouped grid).
 DEFAULT_BLOCK = 1024
@@ -56,11 +61,12 @@ _MAX_NUMEL = 2**31 - 2**20  # int32 element offsets inside one tensor
 
 @triton.jit
 def _masked_step_kernel(
-    meta_ptr, map_ptr,
+    meta_ptr, map_ptr, only_if_ptr,
     lr, wd, momentum, one_minus_dampening, lerp_w, beta2, one_minus_beta2, eps, decay, step_size, bc2_sqrt,
     OPT: tl.constexpr, MAXIMIZE: tl.constexpr, WEIGHT_DECAY: tl.constexpr,
     MOMENTUM: tl.constexpr, NESTEROV: tl.constexpr, AMSGRAD: tl.constexpr,
-    DECOUPLED: tl.constexpr, LERP_FROM_START: tl.constexpr, NMETA: tl.constexpr, BLOCK: tl.constexpr,
+    DECOUPLED: tl.constexpr, LERP_FROM_START: tl.constexpr, ONLY_IF: tl.constexpr, NMETA: tl.constexpr,
+    BLOCK: tl.constexpr,
 ):
     pid = tl.program_id(0)
     t = tl.load(map_ptr + pid).to(tl.int64)
@@ -89,6 +95,8 @@ def _masked_step_kernel(
     rk = tl.load(rk_ptr + r, mask=inb & has_row, other=1)
     ck = tl.load(ck_ptr + c, mask=inb & has_col, other=1)
     keep = inb & (rk != 0) & (ck != 0)
+    if ONLY_IF:  # the device's verdict (e.g. a finite loss): False keeps every element as it was
+        keep = keep & ((tl.zeros([BLOCK], dtype=tl.int8) + tl.load(only_if_ptr).to(tl.int8)) != 0)
 
     p = tl.load(p_ptr + offs, mask=keep, other=0.0)
     g = tl.load(g_ptr + offs, mask=keep, other=0.0)
@@ -306,7 +314,7 @@ def _plan_group(optimizer, kind: int, group: dict, masks: dict):
     return items
 
 
-def _launch_group(optimizer, kind: int, group: dict, items, block: int) -> None:
+def _launch_group(optimizer, kind: int, group: dict, items, block: int, only_if) -> None:
     """The masked step of one param group: its step counters in one operation, then one launch per distinct step."""
     if not items:
         return
@@ -354,11 +362,11 @@ def _launch_group(optimizer, kind: int, group: dict, items, block: int) -> None:
             continue
         table = _device_table(device, meta)
         _masked_step_kernel[(sum(nblocks),)](
-            table, _block_map(device, tuple(nblocks)),
+            table, _block_map(device, tuple(nblocks)), table if only_if is None else only_if,
             lr, wd, momentum, 1.0 - dampening, lerp_w, beta2, 1.0 - beta2, eps, 1.0 - lr * wd, step_size, bc2_sqrt,
             OPT=kind, MAXIMIZE=maximize, WEIGHT_DECAY=wd != 0, MOMENTUM=momentum != 0,
             NESTEROV=nesterov, AMSGRAD=amsgrad, DECOUPLED=decoupled,
-            LERP_FROM_START=abs(lerp_w) < 0.5, NMETA=_NMETA, BLOCK=block,
+            LERP_FROM_START=abs(lerp_w) < 0.5, ONLY_IF=only_if is not None, NMETA=_NMETA, BLOCK=block,
         )
 
 
@@ -415,15 +423,46 @@ def _device_table(device, meta: list) -> torch.Tensor:
     return table
 
 
+class TakenStep:
+    """What :func:`fused_masked_step` did on the host (truthy): ``undo()`` puts back the optimizer's host-side
+    bookkeeping of a step whose ``only_if`` flag turned out False on the device (the kernel then wrote nothing):
+    each parameter's state dict as it was (fresh state removed, lazily created buffers dropped) and its step
+    counter one lower, so the optimizer is exactly as before the call."""
+
+    def __init__(self, optimizer, params):
+        self._optimizer = optimizer
+        # shallow copies: the tensors in them are the ones the kernel would have written (and did not)
+        self._before = [(p, p in optimizer.state, dict(optimizer.state.get(p, {}))) for p in params]
+
+    def __bool__(self) -> bool:
+        return True
+
+    def undo(self) -> None:
+        """Restore the host-side state of the parameters this step saw (call only when the kernel skipped)."""
+        state, counters = self._optimizer.state, []
+        for p, present, before in self._before:
+            if not present:
+                state.pop(p, None)
+                continue
+            state[p].clear()
+            state[p].update(before)
+            if torch.is_tensor(before.get("step")):
+                counters.append(before["step"])
+        if counters:
+            torch._foreach_sub_(counters, 1)  # the same CPU tensors the step advanced
+
+
 @torch.no_grad()
 def fused_masked_step(optimizer: torch.optim.Optimizer, masks: dict | None,
-                      *, block_size: int = DEFAULT_BLOCK) -> bool:
+                      *, block_size: int = DEFAULT_BLOCK, only_if: torch.Tensor | None = None):
     """One masked optimizer step with one Triton launch per param group.
 
     ``masks`` maps a parameter to ``(row_keep, col_keep)`` (see the module docstring); parameters not in
     it are fully kept. Reads hyper-parameters from ``optimizer.param_groups`` (LR schedulers apply) and
-    keeps ``optimizer.state`` in torch's format. Returns ``False`` and changes nothing when the optimizer,
-    its options or a tensor is unsupported; the caller then uses the reference path.
+    keeps ``optimizer.state`` in torch's format. ``only_if``: a 0-d bool tensor on the parameters' device; the
+    kernel writes nothing when it is False (no host read). Returns a :class:`TakenStep` (truthy), or ``False``
+    and changes nothing when the optimizer, its options or a tensor is unsupported; the caller then uses the
+    reference path.
     """
     if block_size <= 0 or block_size & (block_size - 1):
         raise ValueError("block_size must be a power of two")
@@ -436,7 +475,11 @@ def fused_masked_step(optimizer: torch.optim.Optimizer, masks: dict | None,
         if items is None:
             return False
         plans.append((group, items))
+    if only_if is not None:
+        if not torch.is_tensor(only_if) or only_if.numel() != 1 or only_if.dtype != torch.bool:
+            raise ValueError("only_if must be a one-element bool tensor (e.g. torch.isfinite(loss))")
+    taken = TakenStep(optimizer, [item[0] for _, items in plans for item in items])
     for group, items in plans:
-        _launch_group(optimizer, kind, group, items, block_size)
+        _launch_group(optimizer, kind, group, items, block_size, only_if)
     optimizer._opt_called = True  # what torch's step wrapper records for LR schedulers (no hooks run)
-    return True
+    return taken

@@ -280,3 +280,36 @@ def test_bad_mask_shape_returns_false():
     snap = params[0].detach().clone()
     assert fused_masked_step(opt, {params[0]: (torch.ones(5, dtype=torch.bool, device=DEVICE), None)}) is False
     assert torch.equal(snap, params[0].detach()) and len(opt.state) == 0
+
+
+@pytest.mark.parametrize("case", ["sgd_momentum_dampening", "adam_amsgrad_wd", "adadelta_official"])
+@pytest.mark.parametrize("fresh", [True, False])
+def test_a_step_whose_flag_is_false_changes_nothing_once_undone(case, fresh):
+    """``only_if`` False: the kernel writes no element; ``undo()`` restores step counters and lazily created state,
+    so the next step matches the masked reference of an optimizer that never saw the skipped call (SGD's first
+    momentum step included: buffer = gradient). ``only_if`` True is the ordinary step."""
+    cls, kw = CASES[case]
+    params = make_params(21)
+    ref = [torch.nn.Parameter(p.detach().clone()) for p in params]
+    opt_k, opt_r = cls(params, **kw), cls(ref, **kw)
+    gen = torch.Generator().manual_seed(22)
+    if not fresh:
+        masks = random_masks(params, gen, 0)
+        set_grads(params, ref, masks, gen)
+        assert fused_masked_step(opt_k, masks, only_if=torch.tensor(True, device=DEVICE))
+        reference_masked_step(opt_r, translate(masks, params, ref))
+        assert_same(opt_k, params, opt_r, ref, "flag True")
+    values = [p.detach().clone() for p in params]
+    state = copy.deepcopy(opt_k.state_dict())
+    masks = random_masks(params, gen, 1)
+    set_grads(params, ref, masks, gen, poison=False)
+    taken = fused_masked_step(opt_k, masks, block_size=128, only_if=torch.isfinite(torch.tensor(float("nan"))))
+    assert taken
+    assert all(torch.equal(a.view(torch.int32), p.detach().view(torch.int32)) for a, p in zip(values, params))
+    taken.undo()
+    assert str(opt_k.state_dict()) == str(state)
+    masks = random_masks(params, gen, 2)
+    set_grads(params, ref, masks, gen, step=2)
+    assert fused_masked_step(opt_k, masks, block_size=128)
+    reference_masked_step(opt_r, translate(masks, params, ref))
+    assert_same(opt_k, params, opt_r, ref, "after the skipped step")
