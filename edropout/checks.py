@@ -1,8 +1,8 @@
 """Checks of what a user hands ``EDropout``: the model, each batch, the optimizer and the model's output.
 
 Every check names the problem and the fix. The value checks of a batch (non-finite inputs, labels out of range)
-run as one fused reduction and read back one small tensor: free on CPU, one host synchronisation per batch on
-CUDA (the label-range check alone used to cost two).
+are computed on the device as one small tensor (``batch_flags``) and judged on the host (``batch_problem``) once
+read: ``EDropout.step`` reads them with its one convergence read, so they cost no wait of their own.
 """
 from __future__ import annotations
 
@@ -56,19 +56,26 @@ def check_batch(x, y, device: torch.device) -> torch.Tensor:
     return y if y.dtype == torch.int64 else y.long()
 
 
-def batch_problem(x: torch.Tensor, y: torch.Tensor, classes: int) -> str | None:
-    """What is wrong with the batch's values, or None: non-finite inputs, labels outside [0, classes).
-    One fused reduction and one read-back."""
-    parts = [y.min().unsqueeze(0), y.max().unsqueeze(0)]
+def batch_flags(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """The batch's value checks on the device, not read: int64 [lowest label, highest label, number of non-finite
+    inputs]."""
+    low, high = torch.aminmax(y)
     if x.is_floating_point() or x.is_complex():
-        parts.append((~torch.isfinite(x)).sum().unsqueeze(0))
-    values = torch.cat(parts).tolist()
-    low, high = values[0], values[1]
+        bad = (~torch.isfinite(x)).sum()
+    else:
+        bad = torch.zeros((), dtype=torch.int64, device=x.device)
+    return torch.stack([low, high, bad])
+
+
+def batch_problem(flags: torch.Tensor, x: torch.Tensor, classes: int) -> str | None:
+    """What is wrong with the batch's values, from the host copy of its ``batch_flags``: labels outside
+    [0, classes) raise ``ValueError``; non-finite inputs are returned as a problem; None when the batch is fine."""
+    low, high, bad = flags.tolist()
     if low < 0 or high >= classes:
         raise ValueError(f"labels must lie in [0, {classes}) for a model with {classes} outputs; got labels in "
                          f"[{low}, {high}]. Remap the labels or fix the classifier size")
-    if len(values) > 2 and values[2]:
-        return f"x holds {values[2]} non-finite values (NaN or infinity) of {x.numel()}"
+    if bad:
+        return f"x holds {bad} non-finite values (NaN or infinity) of {x.numel()}"
     return None
 
 

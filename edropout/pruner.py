@@ -15,8 +15,9 @@ import torch.nn.functional as F
 
 from . import evolution as evo
 from .backends import Backend, make_backend
-from .checks import (LogitsOf, NonFiniteError, batch_problem, check_batch, check_logits, check_on_nonfinite,
-                     check_optimizer, model_device)
+from .checks import (LogitsOf, NonFiniteError, batch_flags, batch_problem, check_batch, check_logits,
+                     check_on_nonfinite, check_optimizer, model_device)
+from .deferred_loss import DeferredLossCheck
 from .distributed import StateCheck, forward_inside, resolve_parallelism, unwrap, wrapper_like
 from .energy import resolve_energy
 from .export import export_pruned
@@ -31,21 +32,34 @@ from .units import discover_units, model_outputs
 
 class StepInfo:
     """What one ``step`` did: training loss, best and mean stored energy, pruning rate of the best state, and
-    whether the batch was skipped (``on_nonfinite="skip"``: no weight changed; loss NaN).
+    whether the batch was skipped (``on_nonfinite="skip"``: no weight changed).
 
-    The loss and energies stay on the device until read: reading one of them waits for the step's kernels (on
-    CUDA) once, for all three; a training loop that does not read them every step never waits for them."""
+    The loss and energies stay on the device until read: reading one of them (or ``skipped``) waits for the
+    step's kernels (on CUDA) once, for all three; a training loop that does not read them every step never waits
+    for them. When the device alone judged the loss (``check``, the fused update), that read also reports a
+    non-finite loss, as the next ``step`` would have: ``NonFiniteError``, or a warning and ``skipped`` True."""
 
     def __init__(self, iteration: int, loss: torch.Tensor, energies: torch.Tensor, view, converged: bool,
-                 skipped: bool = False):
-        self.iteration, self.converged, self.skipped = iteration, converged, skipped
+                 skipped: bool = False, check: DeferredLossCheck | None = None, settle=None):
+        self.iteration, self.converged, self._skipped = iteration, converged, skipped
         self._loss, self._energies, self._view, self._values = loss.detach(), energies, view, None
+        self._check, self._settle = check, settle
 
     def _read(self) -> list:
         if self._values is None:
             e = self._energies
-            self._values = torch.stack([self._loss.double().reshape(()), e.min().double(), e.mean().double()]).tolist()
+            values = torch.stack([self._loss.double().reshape(()), e.min().double(), e.mean().double()]).tolist()
+            if self._check is not None:
+                self._settle(values[0], self._check)
+            self._values = values
         return self._values
+
+    @property
+    def skipped(self) -> bool:
+        """Whether the step changed no weight (``on_nonfinite="skip"``)."""
+        if self._check is not None and self._check.skipped is None:
+            self._read()
+        return self._skipped or bool(self._check is not None and self._check.skipped)
 
     @property
     def loss(self) -> float:
@@ -79,8 +93,12 @@ class EDropout:
     ``output_to_logits`` maps the model's output to the logits Tensor when the model returns something else (a
     tuple, a dict, an object with ``.logits``), e.g. ``lambda out: out.logits``. ``on_nonfinite``: a batch with
     NaN or infinite inputs, a non-finite training loss, or a batch on which every energy is non-finite raises
-    ``NonFiniteError`` before any weight changes ("raise"), or is skipped with a warning and counted in
-    ``skipped_batches`` ("skip").
+    ``NonFiniteError`` before any weight or optimizer state changes ("raise"), or is skipped with a warning and
+    counted in ``skipped_batches`` ("skip"). Where the fused masked update runs (backend "triton" with SGD, Adam,
+    AdamW or Adadelta) the device alone judges the training loss, without a host wait: a non-finite loss makes the
+    update write nothing, and it is reported (raised, or warned and counted) at the next read of the device: the
+    next ``step``, or a read of that step's ``StepInfo``, of ``skipped_batches``, or ``sync``/``state_dict``/
+    ``export``, naming the iteration it belonged to.
     ``model`` may be wrapped in ``DistributedDataParallel``; with ``torch.distributed`` initialised (or a
     ``process_group``) the pruner runs ``parallel="data"`` (default) or ``"population"`` across the ranks
     (``edropout.distributed``), and every rank must call ``step``/``energies`` together.
@@ -113,7 +131,8 @@ class EDropout:
         if self.parallelism is not None and self.on_nonfinite == "skip":
             raise ValueError("on_nonfinite='skip' cannot be used across ranks: each rank checks its own batch, so "
                              "ranks would skip different iterations and wait for each other forever; use 'raise'")
-        self.skipped_batches = 0
+        self._skipped_batches = 0
+        self._pending = None  # the last step's DeferredLossCheck, until the host reads its loss
         self._checked_optimizer = None
         self.example_inputs = example_inputs
         self.population_size = evo.check_population_size(population_size)
@@ -197,27 +216,56 @@ class EDropout:
         """D, the number of prunable unit groups (bits per state)."""
         return self.units.num_units
 
-    def _checked(self, x, y):
-        """(labels as int64, what is non-finite in the batch or None); wrong labels, shapes or devices raise."""
-        y = check_batch(x, y, self.device)
-        return y, batch_problem(x, y, self.num_classes)
-
     def _finite_batch(self, x, y):
         """The batch's labels as int64; a non-finite input raises ``NonFiniteError`` (whatever ``on_nonfinite``:
-        a call that only scores has no batch to skip)."""
-        y, problem = self._checked(x, y)
+        a call that only scores has no batch to skip). One read of the device."""
+        y = check_batch(x, y, self.device)
+        problem = batch_problem(self._read_settling(batch_flags(x, y))[0], x, self.num_classes)
         if problem:
             raise NonFiniteError(f"{problem}; clean or drop this batch")
         return y
 
+    def _read_settling(self, *tensors) -> list:
+        """Host copies of ``tensors`` in one read (``host.read``), which also reads and reports the last step's
+        deferred training loss (``_settle``)."""
+        pending = self._pending
+        if pending is None:
+            return host.read(*tensors)
+        values = host.read(*tensors, pending.loss.reshape(1))
+        self._settle(values[-1].tolist()[0], pending)
+        return values[:-1]
+
+    def _settle(self, value=None, check=None) -> None:
+        """Report the last step's deferred loss check (only if it is ``check``, when given) from the loss's host
+        ``value`` (read here when None): a non-finite loss raises or is warned about and counted, for its own
+        iteration (its update wrote nothing; ``DeferredLossCheck.settle`` undoes the update's bookkeeping)."""
+        pending = self._pending
+        if pending is None or (check is not None and check is not pending):
+            return
+        if value is None:
+            value = host.read(pending.loss.reshape(1))[0].tolist()[0]
+        self._pending = None
+        if pending.settle(value):
+            self._report(f"the training loss is {value}", pending.iteration)
+
+    @property
+    def skipped_batches(self) -> int:
+        """Batches skipped so far (``on_nonfinite="skip"``); reads the last step's deferred loss check first."""
+        self._settle()
+        return self._skipped_batches
+
+    def _report(self, problem: str, iteration: int) -> None:
+        """Raise ``NonFiniteError``, or count and warn (``on_nonfinite``), for ``problem`` found at ``iteration``."""
+        if self.on_nonfinite == "raise":
+            raise NonFiniteError(f"{problem} at iteration {iteration}; no weight was changed. Clean the data "
+                                 f"or lower the learning rate, or pass on_nonfinite='skip' to skip such batches")
+        self._skipped_batches += 1
+        warnings.warn(f"EDropout skipped a batch at iteration {iteration}: {problem} "
+                      f"({self._skipped_batches} skipped so far)", RuntimeWarning, stacklevel=4)
+
     def _nonfinite(self, problem: str) -> StepInfo:
         """Raise, or count and warn and return the skipped step's info (``on_nonfinite``)."""
-        if self.on_nonfinite == "raise":
-            raise NonFiniteError(f"{problem} at iteration {self.iteration + 1}; no weight was changed. Clean the data "
-                                 f"or lower the learning rate, or pass on_nonfinite='skip' to skip such batches")
-        self.skipped_batches += 1
-        warnings.warn(f"EDropout skipped a batch at iteration {self.iteration + 1}: {problem} "
-                      f"({self.skipped_batches} skipped so far)", RuntimeWarning, stacklevel=3)
+        self._report(problem, self.iteration + 1)
         energies = self.stored_energies if self.stored_energies is not None else torch.full((1,), float("nan"))
         return StepInfo(self.iteration, torch.tensor(float("nan")), energies, self.best_view, self.converged,
                         skipped=True)
@@ -260,8 +308,10 @@ class EDropout:
         if problem:
             raise NonFiniteError(problem)
 
-    def _evolve(self, x, y):
-        """``evolve`` on a checked batch; returns a problem (and changes nothing) when every energy is non-finite."""
+    def _evolve(self, x, y, flags=None):
+        """``evolve`` on a batch; returns a problem (and changes nothing) when every energy is non-finite or, with
+        the batch's unread ``flags`` (``checks.batch_flags``; ``y`` then clamped to the classes, so that scoring
+        never indexes past the logits), when its inputs are; labels out of range raise, also before any change."""
         generator_state = self.generator.get_state()
         children = self.backend.children(self.population, self.mutation_factor, self.crossover_rate,
                                          generator=self.generator, seed=self.seed, iteration=self.iteration)
@@ -276,12 +326,21 @@ class EDropout:
         index = best_index.reshape(1)
         best = population.index_select(0, index)[0]  # indexing with a 0-d tensor would wait for the device
         # the one host synchronisation of an iteration: the best state itself (StateView derives its masks from
-        # this host copy without waiting again) and whether its energy is finite
-        best_host, finite = host.read(best, torch.isfinite(energies.index_select(0, index))[0])
-        changed, finite = best_host.tolist() != self._best_host.tolist(), finite.tolist()
-        if not finite:
+        # this host copy without waiting again), whether its energy is finite, the batch's value checks (scoring
+        # changed no weight, so a bad batch is still refused before any change) and the last step's loss
+        tensors = (best, torch.isfinite(energies.index_select(0, index))[0]) + (() if flags is None else (flags,))
+        try:
+            best_host, finite, *flags_host = self._read_settling(*tensors)
+            problem = batch_problem(flags_host[0], x, self.num_classes) if flags_host else None
+        except Exception:
             self.generator.set_state(generator_state)
-            return "every population member's energy is non-finite on this batch"
+            raise
+        if problem is None and not finite.tolist():
+            problem = "every population member's energy is non-finite on this batch"
+        if problem:
+            self.generator.set_state(generator_state)
+            return problem
+        changed = best_host.tolist() != self._best_host.tolist()
         self.population, self.stored_energies = population, energies
         if changed:
             self._set_best(best.clone(), best_host)
@@ -320,11 +379,12 @@ class EDropout:
         """One EDropout iteration: evolve and select (until converged), then a masked training step.
 
         Non-finite inputs, a non-finite loss, or every energy non-finite raise ``NonFiniteError`` before any
-        weight or optimizer state changes, or skip the batch (``on_nonfinite="skip"``). On CUDA the batch check
-        and the loss check cost one host synchronisation each."""
-        y, problem = self._checked(x, y)
-        if problem:
-            return self._nonfinite(problem)
+        weight or optimizer state changes, or skip the batch (``on_nonfinite="skip"``). An evolving step reads the
+        device once (the convergence read, which also carries the batch check and the previous step's loss); the
+        loss is judged on the device by the fused update (else one read by the backend), and a non-finite one is
+        reported at the next read (see the class docstring)."""
+        y = check_batch(x, y, self.device)
+        flags = batch_flags(x, y)
         if optimizer is not self._checked_optimizer:
             check_optimizer(optimizer, self.model)
             self._checked_optimizer = optimizer
@@ -335,15 +395,18 @@ class EDropout:
                                  f"DistributedDataParallel, which averages the ranks' gradients: build the pruner "
                                  f"on DistributedDataParallel(model) instead of the bare model")
         if not self.converged:
-            problem = self._evolve(x, y)
-            if problem:
-                return self._nonfinite(problem)
+            problem = self._evolve(x, y.clamp(0, self.num_classes - 1), flags)
+        else:
+            problem = batch_problem(self._read_settling(flags)[0], x, self.num_classes)
+        if problem:
+            return self._nonfinite(problem)
         if self.parallelism is not None:
             x, y = self.parallelism.training_rows(x, y)
         exported = self.converged and self.train_exported_after_convergence and self.units.traced
         trainer = self._trainer_for(optimizer) if exported else None
         trained = trainer.small if exported else self.model
         saved = [b.clone() for b in trained.buffers()] if self.on_nonfinite == "skip" else None
+        check = None
         if exported:
             loss = trainer.loss(x, y)
             if not bool(torch.isfinite(loss.detach())):
@@ -353,16 +416,22 @@ class EDropout:
             # restored after backward: autograd saves the running statistics it was given and checks their versions
             with frozen_statistics(self.best_view.statistics_weights):
                 loss = F.cross_entropy(self._training_logits(x), y)
-                finite = bool(torch.isfinite(loss.detach()))
-                if finite:
-                    optimizer.zero_grad(set_to_none=True)
-                    loss.backward()
-            if not finite:
-                return self._nonfinite_loss(loss, saved, trained)
-            self.backend.optimizer_step(optimizer, self.best_view)
+                optimizer.zero_grad(set_to_none=True)
+                loss.backward()
+            finite = torch.isfinite(loss.detach())
+            if saved is not None:  # a non-finite forward's BatchNorm statistics are put back, on the device
+                with torch.no_grad():
+                    for buffer, value in zip(trained.buffers(), saved):
+                        torch.where(finite, buffer, value, out=buffer)
+            taken = self.backend.optimizer_step_if(optimizer, self.best_view, finite)
+            if taken is False:
+                return self._nonfinite_loss(loss)
+            if taken is not True:  # the device judged the loss: the host reads it at its next read
+                check = self._pending = DeferredLossCheck(self.iteration + 1, loss.detach(), taken)
         self.iteration += 1
         energies = self.stored_energies if self.stored_energies is not None else torch.full((1,), float("nan"))
-        return StepInfo(self.iteration, loss, energies, self.best_view, self.converged)
+        return StepInfo(self.iteration, loss, energies, self.best_view, self.converged, check=check,
+                        settle=self._settle)
 
     def _training_logits(self, x):
         """The backend's training forward with the best state applied; under DDP inside DDP's forward, so that
@@ -371,9 +440,9 @@ class EDropout:
             return self.backend.training_logits(self.best_state, x)
         return forward_inside(self.ddp, lambda inputs: self.backend.training_logits(self.best_state, inputs), x)
 
-    def _nonfinite_loss(self, loss, saved, trained) -> StepInfo:
-        """The training loss is non-finite: no backward, no optimizer step. In skip mode the forward's buffers
-        (BatchNorm statistics) are put back; the iteration counts (its generation of the evolution stands)."""
+    def _nonfinite_loss(self, loss, saved=None, trained=None) -> StepInfo:
+        """The training loss is non-finite (read on the host): no optimizer step. ``saved``: the forward's buffers
+        (BatchNorm statistics) to put back; the iteration counts (its generation of the evolution stands)."""
         if saved is not None:
             with torch.no_grad():
                 for buffer, value in zip(trained.buffers(), saved):
@@ -415,7 +484,9 @@ class EDropout:
 
     def sync(self) -> None:
         """After convergence training runs on the exported network; copy its weights, BatchNorm statistics and
-        optimizer state back into the user's model and optimizer (``export`` and ``state_dict`` do this too)."""
+        optimizer state back into the user's model and optimizer (``export`` and ``state_dict`` do this too).
+        First reports the last step's deferred loss check, so that the optimizer state it leaves is final."""
+        self._settle()
         if self._exported_trainer is not None:
             self._exported_trainer.write_back()
 
@@ -524,4 +595,5 @@ class EDropout:
         self.convergence.unchanged = int(state["unchanged"])
         self.seed = int(state["seed"])
         self._exported_trainer = None
+        self._pending = None
         self.pruned_values = state.get("pruned_values", {})

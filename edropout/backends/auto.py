@@ -150,3 +150,7 @@ class AutoBackend(Backend):
     def optimizer_step(self, optimizer, view):
         """``main``'s masked update."""
         self.main.optimizer_step(optimizer, view)
+
+    def optimizer_step_if(self, optimizer, view, flag):
+        """``main``'s flag-guarded masked update."""
+        return self.main.optimizer_step_if(optimizer, view, flag)

@@ -62,3 +62,14 @@ class Backend(abc.ABC):
     def optimizer_step(self, optimizer: torch.optim.Optimizer, view) -> None:
         """``optimizer.step()`` leaving every element that ``view`` (a ``StateView``) prunes, and its optimizer
         state, exactly unchanged."""
+
+    def optimizer_step_if(self, optimizer: torch.optim.Optimizer, view, flag: torch.Tensor):
+        """``optimizer_step`` only where ``flag`` (a 0-d bool tensor on the device: the training loss is finite)
+        holds; otherwise no weight and no optimizer state changes. Returns True (stepped) or False (not) when the
+        host read ``flag`` (here: one wait on CUDA), or, when the device alone decided, an object whose ``undo()``
+        puts back the step's host-side bookkeeping (step counters, lazily created state), for the caller to call
+        once it has read ``flag`` and found it False."""
+        if not bool(flag):
+            return False
+        self.optimizer_step(optimizer, view)
+        return True

@@ -19,7 +19,8 @@ checks run on the first batch scored; layers with forward hooks are computed in 
 
 The evolution step is one kernel launch (counter-based RNG keyed by seed and iteration) and the masked optimizer
 update one fused launch where ``edropout_kernels.fused_masked_step`` supports the optimizer (else the reference
-step). This module is the engine's only way into ``edropout_kernels``.
+step); in ``step`` that launch also reads the loss's finiteness on the device and skips itself on a non-finite
+loss, so the host never waits for it. This module is the engine's only way into ``edropout_kernels``.
 """
 from __future__ import annotations
 
@@ -552,3 +553,10 @@ class TritonBackend(ReferenceBackend):
         """The fused masked update in one launch where the optimizer is supported, else the reference step."""
         if not _kernels(self.device).fused_masked_step(optimizer, view.row_col_keeps):
             super().optimizer_step(optimizer, view)
+
+    def optimizer_step_if(self, optimizer, view, flag):
+        """The fused masked update with ``flag`` read by the kernel (no host read: the returned step's ``undo()``
+        puts back its host-side bookkeeping if ``flag`` turns out False); the reference step, after a host read of
+        ``flag``, where the optimizer is not supported."""
+        taken = _kernels(self.device).fused_masked_step(optimizer, view.row_col_keeps, only_if=flag)
+        return taken if taken else super().optimizer_step_if(optimizer, view, flag)
