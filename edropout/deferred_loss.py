@@ -8,23 +8,22 @@ non-finite loss is then reported for the iteration it belonged to, after the upd
 """
 from __future__ import annotations
 
-import math
-
 import torch
 
 
 class DeferredLossCheck:
-    """The loss of iteration ``iteration`` (a 0-d device tensor) and the update that ran under its finiteness flag
-    (``taken.undo()`` puts back its host-side bookkeeping). ``skipped``: None until the loss is read."""
+    """The loss of iteration ``iteration`` (a 0-d device tensor), the flag the update ran under (0-d bool on the
+    device: the loss is finite, on every rank when distributed) and the update (``taken.undo()`` puts back its
+    host-side bookkeeping). ``skipped``: None until read."""
 
-    def __init__(self, iteration: int, loss: torch.Tensor, taken):
-        self.iteration, self.loss, self._taken = iteration, loss, taken
+    def __init__(self, iteration: int, loss: torch.Tensor, flag: torch.Tensor, taken):
+        self.iteration, self.loss, self.flag, self._taken = iteration, loss, flag, taken
         self.skipped = None
 
-    def settle(self, value: float) -> bool:
-        """Record the loss's host ``value``; when it is not finite (the update wrote nothing) undo the update's
+    def settle(self, flag: bool) -> bool:
+        """Record the flag's host value; when it is False (the update wrote nothing) undo the update's
         bookkeeping. Returns whether the iteration's update was skipped."""
-        self.skipped = not math.isfinite(value)
+        self.skipped = not flag
         if self.skipped:
             self._taken.undo()
         return self.skipped

@@ -7,9 +7,11 @@ weights exactly unchanged. Once the best state stops changing (§5) it is frozen
 from __future__ import annotations
 
 import contextlib
+import math
 import warnings
 
 import torch
+import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
 
@@ -48,9 +50,12 @@ class StepInfo:
     def _read(self) -> list:
         if self._values is None:
             e = self._energies
-            values = torch.stack([self._loss.double().reshape(()), e.min().double(), e.mean().double()]).tolist()
+            parts = [self._loss.double().reshape(()), e.min().double(), e.mean().double()]
             if self._check is not None:
-                self._settle(values[0], self._check)
+                parts.append(self._check.flag.double().reshape(()))
+            values = torch.stack(parts).tolist()
+            if self._check is not None:
+                self._settle((values[0], values.pop()), self._check)
             self._values = values
         return self._values
 
@@ -231,22 +236,23 @@ class EDropout:
         pending = self._pending
         if pending is None:
             return host.read(*tensors)
-        values = host.read(*tensors, pending.loss.reshape(1))
-        self._settle(values[-1].tolist()[0], pending)
-        return values[:-1]
+        values = host.read(*tensors, pending.loss.reshape(1), pending.flag.reshape(1))
+        self._settle((values[-2].tolist()[0], values[-1].tolist()[0]), pending)
+        return values[:-2]
 
-    def _settle(self, value=None, check=None) -> None:
-        """Report the last step's deferred loss check (only if it is ``check``, when given) from the loss's host
-        ``value`` (read here when None): a non-finite loss raises or is warned about and counted, for its own
-        iteration (its update wrote nothing; ``DeferredLossCheck.settle`` undoes the update's bookkeeping)."""
+    def _settle(self, values=None, check=None) -> None:
+        """Report the last step's deferred loss check (only if it is ``check``, when given) from the host copies
+        of its loss and flag (``values``; read here when None): a skipped update raises or is warned about and
+        counted, for its own iteration (it wrote nothing; ``DeferredLossCheck.settle`` undoes its bookkeeping)."""
         pending = self._pending
         if pending is None or (check is not None and check is not pending):
             return
-        if value is None:
-            value = host.read(pending.loss.reshape(1))[0].tolist()[0]
+        if values is None:
+            values = [v.tolist()[0] for v in host.read(pending.loss.reshape(1), pending.flag.reshape(1))]
         self._pending = None
-        if pending.settle(value):
-            self._report(f"the training loss is {value}", pending.iteration)
+        loss, flag = values
+        if pending.settle(bool(flag)):
+            self._report(self._loss_problem(loss), pending.iteration)
 
     @property
     def skipped_batches(self) -> int:
@@ -418,7 +424,7 @@ class EDropout:
                 loss = F.cross_entropy(self._training_logits(x), y)
                 optimizer.zero_grad(set_to_none=True)
                 loss.backward()
-            finite = torch.isfinite(loss.detach())
+            finite = self._finite_everywhere(loss)
             if saved is not None:  # a non-finite forward's BatchNorm statistics are put back, on the device
                 with torch.no_grad():
                     for buffer, value in zip(trained.buffers(), saved):
@@ -427,11 +433,29 @@ class EDropout:
             if taken is False:
                 return self._nonfinite_loss(loss)
             if taken is not True:  # the device judged the loss: the host reads it at its next read
-                check = self._pending = DeferredLossCheck(self.iteration + 1, loss.detach(), taken)
+                check = self._pending = DeferredLossCheck(self.iteration + 1, loss.detach(), finite, taken)
         self.iteration += 1
         energies = self.stored_energies if self.stored_energies is not None else torch.full((1,), float("nan"))
         return StepInfo(self.iteration, loss, energies, self.best_view, self.converged, check=check,
                         settle=self._settle)
+
+    def _finite_everywhere(self, loss) -> torch.Tensor:
+        """``isfinite(loss)`` as a 0-d bool on the device; across ranks, whether every rank's loss is finite (DDP
+        averaged every rank's gradients, so a non-finite loss anywhere must skip the update everywhere): one
+        all-reduce, no host read."""
+        finite = torch.isfinite(loss.detach())
+        if self.parallelism is None:
+            return finite
+        every = finite.to(torch.float32)
+        dist.all_reduce(every, op=dist.ReduceOp.MIN, group=self.parallelism.group)
+        return every > 0
+
+    @staticmethod
+    def _loss_problem(value: float) -> str:
+        """What ``on_nonfinite`` reports for a skipped update whose own training loss was ``value``."""
+        if math.isfinite(value):
+            return "another rank's training loss is non-finite"
+        return f"the training loss is {value}"
 
     def _training_logits(self, x):
         """The backend's training forward with the best state applied; under DDP inside DDP's forward, so that
@@ -447,7 +471,7 @@ class EDropout:
             with torch.no_grad():
                 for buffer, value in zip(trained.buffers(), saved):
                     buffer.copy_(value)
-        info = self._nonfinite(f"the training loss is {float(loss.detach())}")
+        info = self._nonfinite(self._loss_problem(float(loss.detach())))
         self.iteration += 1
         info.iteration = self.iteration
         return info
