@@ -151,8 +151,9 @@ def _optimizer_call(make_optimizer):
         optimizer = make_optimizer(model.parameters())
         for p in model.parameters():
             p.grad = torch.zeros_like(p)
+        loss = torch.ones(())  # EDropout.step passes the loss: the kernel skips itself when it is not finite
         for _ in range(2):  # the first step creates the state (a different flag for SGD's fresh momentum buffer)
-            if not fused_masked_step(optimizer, masks):
+            if not fused_masked_step(optimizer, masks, only_if_finite=loss):
                 raise RuntimeError("fused_masked_step declined this optimizer")
     return call
 

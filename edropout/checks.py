@@ -1,10 +1,12 @@
 """Checks of what a user hands ``EDropout``: the model, each batch, the optimizer and the model's output.
 
 Every check names the problem and the fix. The value checks of a batch (non-finite inputs, labels out of range)
-are computed on the device as one small tensor (``batch_flags``) and judged on the host (``batch_problem``) once
+are computed on the device as a few scalars (``batch_flags``) and judged on the host (``batch_problem``) once
 read: ``EDropout.step`` reads them with its one convergence read, so they cost no wait of their own.
 """
 from __future__ import annotations
+
+import math
 
 import torch
 import torch.nn as nn
@@ -56,26 +58,28 @@ def check_batch(x, y, device: torch.device) -> torch.Tensor:
     return y if y.dtype == torch.int64 else y.long()
 
 
-def batch_flags(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-    """The batch's value checks on the device, not read: int64 [lowest label, highest label, number of non-finite
-    inputs]."""
-    low, high = torch.aminmax(y)
+def batch_flags(x: torch.Tensor, y: torch.Tensor) -> list[torch.Tensor]:
+    """The batch's value checks on the device, not read: the lowest and highest label and, for floating inputs,
+    the sum of ``x`` (non-finite when ``x`` holds a NaN or infinity; ``batch_problem`` then counts them)."""
+    flags = list(torch.aminmax(y))
     if x.is_floating_point() or x.is_complex():
-        bad = (~torch.isfinite(x)).sum()
-    else:
-        bad = torch.zeros((), dtype=torch.int64, device=x.device)
-    return torch.stack([low, high, bad])
+        real = torch.view_as_real(x) if x.is_complex() else x
+        flags.append(real.sum(dtype=torch.float64 if real.dtype == torch.float64 else torch.float32))
+    return flags
 
 
-def batch_problem(flags: torch.Tensor, x: torch.Tensor, classes: int) -> str | None:
-    """What is wrong with the batch's values, from the host copy of its ``batch_flags``: labels outside
-    [0, classes) raise ``ValueError``; non-finite inputs are returned as a problem; None when the batch is fine."""
-    low, high, bad = flags.tolist()
+def batch_problem(flags, x: torch.Tensor, classes: int) -> str | None:
+    """What is wrong with the batch's values, from the host copies of its ``batch_flags``: labels outside
+    [0, classes) raise ``ValueError``; non-finite inputs are returned as a problem (counted exactly, which reads
+    the device once more, only then: a sum can also overflow); None when the batch is fine."""
+    low, high = flags[0].tolist(), flags[1].tolist()
     if low < 0 or high >= classes:
         raise ValueError(f"labels must lie in [0, {classes}) for a model with {classes} outputs; got labels in "
                          f"[{low}, {high}]. Remap the labels or fix the classifier size")
-    if bad:
-        return f"x holds {bad} non-finite values (NaN or infinity) of {x.numel()}"
+    if len(flags) > 2 and not math.isfinite(flags[2].tolist()):
+        bad = int((~torch.isfinite(x)).sum())
+        if bad:
+            return f"x holds {bad} non-finite values (NaN or infinity) of {x.numel()}"
     return None
 
 

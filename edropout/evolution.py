@@ -122,11 +122,13 @@ def keep_one_per_group(states: torch.Tensor, group_of_unit: torch.Tensor, genera
         groups = int(group_of_unit.max()) + 1
     group_of_unit = group_of_unit.to(states.device)
     index = group_of_unit.expand(members, num_units)
-    kept = torch.zeros(members, groups, device=states.device).index_add_(1, group_of_unit, states.float())
     keys = upload(torch.rand(members, num_units, generator=generator), states.device)
-    best = torch.full((members, groups), -1.0, device=states.device).scatter_reduce(1, index, keys, "amax")
-    chosen = keys == best.gather(1, index)
-    return states | (chosen & (kept == 0).gather(1, index))
+    # a kept unit scores 2 + key and a pruned one its key in [0, 1): a group's best score is below 2 exactly when
+    # the group is empty, and then it is the group's largest key, which picks the unit to keep
+    scores = torch.add(keys, states, alpha=2)
+    best = torch.full((members, groups), -1.0, device=states.device).scatter_reduce(1, index, scores, "amax")
+    best = best.gather(1, index)
+    return states | ((scores == best) & (best < 2))
 
 
 def select(population, energies, children, child_energies):

@@ -18,6 +18,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.overrides import TorchFunctionMode
 
+from torch.utils.weak import WeakIdKeyDictionary
+
 from .modes import all_modules_in
 from .units import PrunableUnits, _NORM
 
@@ -49,7 +51,9 @@ def channel_masks(units: PrunableUnits, states: torch.Tensor) -> dict:
     return masks
 
 
-def _mask_hook(mask: torch.Tensor, channel_dim: int):
+def _mask_hook(mask: torch.Tensor, channel_dim: int, converted=None):
+    """Forward hook multiplying member s's rows by its keep-mask; ``converted`` (optional) maps a dtype to
+    ``mask`` in that dtype, made once (``masked``), instead of a conversion at every call."""
     members, channels = mask.shape
 
     def hook(module, inputs, output):
@@ -58,20 +62,53 @@ def _mask_hook(mask: torch.Tensor, channel_dim: int):
             shape = (members, 1, channels) + (1,) * (grouped.dim() - 3)
         else:
             shape = (members,) + (1,) * (grouped.dim() - 2) + (channels,)
-        return (grouped * mask.view(shape).to(output.dtype)).flatten(0, 1)
+        weights = mask.to(output.dtype) if converted is None else converted(output.dtype)
+        return (grouped * weights.view(shape)).flatten(0, 1)
 
     return hook
+
+
+class _StateMasks:
+    """The keep-masks of one states tensor at every mask point, and their conversions to the activations' dtype,
+    each made once: ``masked`` reuses them for as long as the same, unmodified states tensor is applied (the
+    pruner's best state, every training step)."""
+
+    def __init__(self, units: PrunableUnits, states: torch.Tensor):
+        self.units, self.version = units, states._version
+        self.masks = channel_masks(units, states.reshape(-1, units.num_units))
+        self._converted = {}
+
+    def converted(self, name: str):
+        """``dtype -> mask of point name`` in that dtype, cached."""
+        def to(dtype):
+            key = (name, dtype)
+            if key not in self._converted:
+                self._converted[key] = self.masks[name].to(dtype)
+            return self._converted[key]
+        return to
+
+
+_STATE_MASKS = WeakIdKeyDictionary()  # states tensor -> _StateMasks
+
+
+def _state_masks(units: PrunableUnits, states: torch.Tensor) -> _StateMasks:
+    """The cached ``_StateMasks`` of ``states`` (rebuilt when ``units`` differ or the tensor was modified)."""
+    hit = _STATE_MASKS.get(states)
+    if hit is None or hit.units is not units or hit.version != states._version:
+        hit = _STATE_MASKS[states] = _StateMasks(units, states)
+    return hit
 
 
 @contextlib.contextmanager
 def masked(model: nn.Module, units: PrunableUnits, states: torch.Tensor):
     """Within the block, ``model`` computes with ``states`` [S, D] (or one state [D]) applied; input rows are
-    member-major. Modules keep their own mode, so BatchNorm behaves as usual (used for training)."""
-    states = states.reshape(-1, units.num_units)
+    member-major. Modules keep their own mode, so BatchNorm behaves as usual (used for training). The masks are
+    built once per states tensor (``_StateMasks``)."""
     modules = dict(model.named_modules())
-    masks = channel_masks(units, states)
-    handles = [modules[p.module_name].register_forward_hook(_mask_hook(masks[p.module_name], p.channel_dim))
-               for p in units.mask_points]
+    cached = _state_masks(units, states)
+    handles = [modules[p.module_name].register_forward_hook(
+        _mask_hook(cached.masks[p.module_name], p.channel_dim, cached.converted(p.module_name)))
+        for p in units.mask_points]
     try:
         yield
     finally:

@@ -52,10 +52,10 @@ class StepInfo:
             e = self._energies
             parts = [self._loss.double().reshape(()), e.min().double(), e.mean().double()]
             if self._check is not None:
-                parts.append(self._check.flag.double().reshape(()))
+                parts.append(self._check.tensors[-1].double().reshape(()))
             values = torch.stack(parts).tolist()
             if self._check is not None:
-                self._settle((values[0], values.pop()), self._check)
+                self._settle([values[0], values.pop()], self._check)
             self._values = values
         return self._values
 
@@ -225,7 +225,7 @@ class EDropout:
         """The batch's labels as int64; a non-finite input raises ``NonFiniteError`` (whatever ``on_nonfinite``:
         a call that only scores has no batch to skip). One read of the device."""
         y = check_batch(x, y, self.device)
-        problem = batch_problem(self._read_settling(batch_flags(x, y))[0], x, self.num_classes)
+        problem = batch_problem(self._read_settling(*batch_flags(x, y)), x, self.num_classes)
         if problem:
             raise NonFiniteError(f"{problem}; clean or drop this batch")
         return y
@@ -236,9 +236,9 @@ class EDropout:
         pending = self._pending
         if pending is None:
             return host.read(*tensors)
-        values = host.read(*tensors, pending.loss.reshape(1), pending.flag.reshape(1))
-        self._settle((values[-2].tolist()[0], values[-1].tolist()[0]), pending)
-        return values[:-2]
+        values = host.read(*tensors, *pending.tensors)
+        self._settle([v.tolist() for v in values[len(tensors):]], pending)
+        return values[:len(tensors)]
 
     def _settle(self, values=None, check=None) -> None:
         """Report the last step's deferred loss check (only if it is ``check``, when given) from the host copies
@@ -248,10 +248,10 @@ class EDropout:
         if pending is None or (check is not None and check is not pending):
             return
         if values is None:
-            values = [v.tolist()[0] for v in host.read(pending.loss.reshape(1), pending.flag.reshape(1))]
+            values = [v.tolist() for v in host.read(*pending.tensors)]
         self._pending = None
-        loss, flag = values
-        if pending.settle(bool(flag)):
+        loss, every = values[0], values[-1]
+        if pending.settle(math.isfinite(every)):
             self._report(self._loss_problem(loss), pending.iteration)
 
     @property
@@ -332,16 +332,16 @@ class EDropout:
         index = best_index.reshape(1)
         best = population.index_select(0, index)[0]  # indexing with a 0-d tensor would wait for the device
         # the one host synchronisation of an iteration: the best state itself (StateView derives its masks from
-        # this host copy without waiting again), whether its energy is finite, the batch's value checks (scoring
-        # changed no weight, so a bad batch is still refused before any change) and the last step's loss
-        tensors = (best, torch.isfinite(energies.index_select(0, index))[0]) + (() if flags is None else (flags,))
+        # this host copy without waiting again), its energy, the batch's value checks (scoring changed no weight,
+        # so a bad batch is still refused before any change) and the last step's loss
         try:
-            best_host, finite, *flags_host = self._read_settling(*tensors)
-            problem = batch_problem(flags_host[0], x, self.num_classes) if flags_host else None
+            best_host, best_energy, *flags_host = self._read_settling(best, energies.index_select(0, index),
+                                                                      *(flags or ()))
+            problem = batch_problem(flags_host, x, self.num_classes) if flags_host else None
         except Exception:
             self.generator.set_state(generator_state)
             raise
-        if problem is None and not finite.tolist():
+        if problem is None and not math.isfinite(best_energy.tolist()[0]):
             problem = "every population member's energy is non-finite on this batch"
         if problem:
             self.generator.set_state(generator_state)
@@ -403,7 +403,7 @@ class EDropout:
         if not self.converged:
             problem = self._evolve(x, y.clamp(0, self.num_classes - 1), flags)
         else:
-            problem = batch_problem(self._read_settling(flags)[0], x, self.num_classes)
+            problem = batch_problem(self._read_settling(*flags), x, self.num_classes)
         if problem:
             return self._nonfinite(problem)
         if self.parallelism is not None:
@@ -424,31 +424,31 @@ class EDropout:
                 loss = F.cross_entropy(self._training_logits(x), y)
                 optimizer.zero_grad(set_to_none=True)
                 loss.backward()
-            finite = self._finite_everywhere(loss)
+            every = self._loss_everywhere(loss)
             if saved is not None:  # a non-finite forward's BatchNorm statistics are put back, on the device
+                finite = torch.isfinite(every)
                 with torch.no_grad():
                     for buffer, value in zip(trained.buffers(), saved):
                         torch.where(finite, buffer, value, out=buffer)
-            taken = self.backend.optimizer_step_if(optimizer, self.best_view, finite)
+            taken = self.backend.optimizer_step_if_finite(optimizer, self.best_view, every)
             if taken is False:
                 return self._nonfinite_loss(loss)
             if taken is not True:  # the device judged the loss: the host reads it at its next read
-                check = self._pending = DeferredLossCheck(self.iteration + 1, loss.detach(), finite, taken)
+                check = self._pending = DeferredLossCheck(self.iteration + 1, loss.detach(), every, taken)
         self.iteration += 1
         energies = self.stored_energies if self.stored_energies is not None else torch.full((1,), float("nan"))
         return StepInfo(self.iteration, loss, energies, self.best_view, self.converged, check=check,
                         settle=self._settle)
 
-    def _finite_everywhere(self, loss) -> torch.Tensor:
-        """``isfinite(loss)`` as a 0-d bool on the device; across ranks, whether every rank's loss is finite (DDP
-        averaged every rank's gradients, so a non-finite loss anywhere must skip the update everywhere): one
-        all-reduce, no host read."""
-        finite = torch.isfinite(loss.detach())
+    def _loss_everywhere(self, loss) -> torch.Tensor:
+        """A 0-d device value that is finite exactly when the update may run: the loss itself; across ranks, the
+        sum of every rank's loss (DDP averaged every rank's gradients, so a non-finite loss anywhere must skip
+        the update everywhere): one all-reduce, no host read."""
         if self.parallelism is None:
-            return finite
-        every = finite.to(torch.float32)
-        dist.all_reduce(every, op=dist.ReduceOp.MIN, group=self.parallelism.group)
-        return every > 0
+            return loss.detach()
+        every = loss.detach().float().clone()
+        dist.all_reduce(every, op=dist.ReduceOp.SUM, group=self.parallelism.group)
+        return every
 
     @staticmethod
     def _loss_problem(value: float) -> str:

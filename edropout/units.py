@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 
 import torch
 import torch.nn as nn
+import torch.nn.functional as F
 
 from .budget import BudgetExceeded, budget
 from .modes import all_modules_in
@@ -76,8 +77,7 @@ class PrunableUnits:
 
     def extended(self, states: torch.Tensor) -> torch.Tensor:
         """States [S, D] with a trailing always-kept column, so index D means 'never pruned'."""
-        ones = torch.ones(states.shape[0], 1, dtype=torch.bool, device=states.device)
-        return torch.cat([states.bool(), ones], dim=1)
+        return F.pad(states.bool(), (0, 1), value=True)
 
     def kept_parameters(self, states: torch.Tensor) -> torch.Tensor:
         """Exact number of trainable parameters left when each state [S, D] is removed physically."""

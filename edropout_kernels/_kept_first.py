@@ -58,14 +58,16 @@ _CONSTS: OrderedDict = OrderedDict()
 
 
 def _column_constants(sizes: tuple[int, ...], device) -> torch.Tensor:
-    """int32 ``[3, sum(sizes)]`` per column: sort-key base (2 * layer), the layer's first column, the layer.
-    Built on the host and copied to ``device`` once per layer layout (cached)."""
+    """Per column: int32 ``[3, sum(sizes)]`` (sort-key base 2 * layer, the layer's first column, the layer) and
+    the first columns again as int64 (the sort's index dtype). Built on the host and copied to ``device`` once per
+    layer layout (cached)."""
     key = (sizes, str(device))
     hit = _CONSTS.get(key)
     if hit is None:
         layer = [i for i, n in enumerate(sizes) for _ in range(n)]
         first = [sum(sizes[:i]) for i in layer]
-        hit = _CONSTS[key] = torch.tensor([[2 * i for i in layer], first, layer], dtype=torch.int32).to(device)
+        table = torch.tensor([[2 * i for i in layer], first, layer], dtype=torch.int32)
+        hit = _CONSTS[key] = (table.to(device), table[1].to(torch.int64).to(device))
         while len(_CONSTS) > 64:
             _CONSTS.popitem(last=False)
     return hit
@@ -82,11 +84,11 @@ def kept_first_orders(keeps: list[torch.Tensor]) -> list[KeptFirstOrder]:
     if any(k.dim() != 2 or k.shape[0] != members for k in keeps):
         raise ValueError("every keep-mask must be 2-D [members, channels] with the same members")
     sizes = tuple(k.shape[1] for k in keeps)
-    consts = _column_constants(sizes, keeps[0].device)
+    consts, first_columns = _column_constants(sizes, keeps[0].device)
     device = keeps[0].device
     keep = torch.cat([k.to(torch.bool) for k in keeps], dim=1)
-    order = torch.sort(consts[0] + (~keep).to(torch.int32), dim=1, stable=True).indices
-    index = (order - consts[1].to(order.dtype)).to(torch.int32)
+    order = torch.sort(consts[0] + ~keep, dim=1, stable=True).indices  # int32 + bool: int32 keys
+    index = (order - first_columns).to(torch.int32)
     count = torch.zeros(members, len(sizes), dtype=torch.int32, device=device).index_add_(
         1, consts[2], keep.to(torch.int32))
     out, first = [], 0

@@ -25,10 +25,11 @@ Conventions (all documented differences from a plain ``torch.optim`` step are he
 * State tensors use torch's keys, dtypes, shapes and devices (``step`` is a 0-d CPU tensor), so
   ``optimizer.state_dict()`` stays valid and the ordinary ``optimizer.step()`` can take over at any time.
 
-* ``only_if`` (a 0-d bool tensor on the parameters' device, e.g. ``torch.isfinite(loss)``): the kernel reads it
-  and, when it is False, writes nothing, so the device decides whether the step happens and the host never waits
-  to find out. The host-side bookkeeping (step counters, lazily created state) is done either way; the returned
-  ``TakenStep.undo()`` puts it back once the caller has read the flag and found it False.
+* ``only_if_finite`` (a one-element float tensor on the parameters' device, e.g. the training loss): the kernel
+  reads it and, when it is NaN or infinite, writes nothing, so the device decides whether the step happens and
+  the host never waits to find out. The host-side bookkeeping (step counters, lazily created state) is done
+  either way; the returned ``TakenStep.undo()`` puts it back once the caller has read the value and found it
+  non-finite.
 
 Supported: ``SGD`` (momentum, dampening, nesterov, weight_decay, maximize), ``Adam`` / ``AdamW`` (betas,
 eps, weight_decay, amsgrad, maximize, decoupled weight decay), ``Adadelta`` (rho, eps, weight_decay,
@@ -61,11 +62,11 @@ _MAX_NUMEL = 2**31 - 2**20  # int32 element offsets inside one tensor
 
 @triton.jit
 def _masked_step_kernel(
-    meta_ptr, map_ptr, only_if_ptr,
+    meta_ptr, map_ptr, only_if_finite_ptr,
     lr, wd, momentum, one_minus_dampening, lerp_w, beta2, one_minus_beta2, eps, decay, step_size, bc2_sqrt,
     OPT: tl.constexpr, MAXIMIZE: tl.constexpr, WEIGHT_DECAY: tl.constexpr,
     MOMENTUM: tl.constexpr, NESTEROV: tl.constexpr, AMSGRAD: tl.constexpr,
-    DECOUPLED: tl.constexpr, LERP_FROM_START: tl.constexpr, ONLY_IF: tl.constexpr, NMETA: tl.constexpr,
+    DECOUPLED: tl.constexpr, LERP_FROM_START: tl.constexpr, ONLY_IF_FINITE: tl.constexpr, NMETA: tl.constexpr,
     BLOCK: tl.constexpr,
 ):
     pid = tl.program_id(0)
@@ -95,8 +96,9 @@ def _masked_step_kernel(
     rk = tl.load(rk_ptr + r, mask=inb & has_row, other=1)
     ck = tl.load(ck_ptr + c, mask=inb & has_col, other=1)
     keep = inb & (rk != 0) & (ck != 0)
-    if ONLY_IF:  # the device's verdict (e.g. a finite loss): False keeps every element as it was
-        keep = keep & ((tl.zeros([BLOCK], dtype=tl.int8) + tl.load(only_if_ptr).to(tl.int8)) != 0)
+    if ONLY_IF_FINITE:  # a NaN or infinite value (e.g. the loss) keeps every element as it was (NaN compares false)
+        value = tl.zeros([BLOCK], dtype=tl.float32) + tl.load(only_if_finite_ptr).to(tl.float32)
+        keep = keep & (tl.abs(value) <= 3.4028234663852886e38)
 
     p = tl.load(p_ptr + offs, mask=keep, other=0.0)
     g = tl.load(g_ptr + offs, mask=keep, other=0.0)
@@ -314,7 +316,7 @@ def _plan_group(optimizer, kind: int, group: dict, masks: dict):
     return items
 
 
-def _launch_group(optimizer, kind: int, group: dict, items, block: int, only_if) -> None:
+def _launch_group(optimizer, kind: int, group: dict, items, block: int, only_if_finite) -> None:
     """The masked step of one param group: its step counters in one operation, then one launch per distinct step."""
     if not items:
         return
@@ -362,11 +364,11 @@ def _launch_group(optimizer, kind: int, group: dict, items, block: int, only_if)
             continue
         table = _device_table(device, meta)
         _masked_step_kernel[(sum(nblocks),)](
-            table, _block_map(device, tuple(nblocks)), table if only_if is None else only_if,
+            table, _block_map(device, tuple(nblocks)), table if only_if_finite is None else only_if_finite,
             lr, wd, momentum, 1.0 - dampening, lerp_w, beta2, 1.0 - beta2, eps, 1.0 - lr * wd, step_size, bc2_sqrt,
             OPT=kind, MAXIMIZE=maximize, WEIGHT_DECAY=wd != 0, MOMENTUM=momentum != 0,
             NESTEROV=nesterov, AMSGRAD=amsgrad, DECOUPLED=decoupled,
-            LERP_FROM_START=abs(lerp_w) < 0.5, ONLY_IF=only_if is not None, NMETA=_NMETA, BLOCK=block,
+            LERP_FROM_START=abs(lerp_w) < 0.5, ONLY_IF_FINITE=only_if_finite is not None, NMETA=_NMETA, BLOCK=block,
         )
 
 
@@ -425,7 +427,7 @@ def _device_table(device, meta: list) -> torch.Tensor:
 
 class TakenStep:
     """What :func:`fused_masked_step` did on the host (truthy): ``undo()`` puts back the optimizer's host-side
-    bookkeeping of a step whose ``only_if`` flag turned out False on the device (the kernel then wrote nothing):
+    bookkeeping of a step whose ``only_if_finite`` value turned out non-finite on the device (the kernel then wrote nothing):
     each parameter's state dict as it was (fresh state removed, lazily created buffers dropped) and its step
     counter one lower, so the optimizer is exactly as before the call."""
 
@@ -454,13 +456,13 @@ class TakenStep:
 
 @torch.no_grad()
 def fused_masked_step(optimizer: torch.optim.Optimizer, masks: dict | None,
-                      *, block_size: int = DEFAULT_BLOCK, only_if: torch.Tensor | None = None):
+                      *, block_size: int = DEFAULT_BLOCK, only_if_finite: torch.Tensor | None = None):
     """One masked optimizer step with one Triton launch per param group.
 
     ``masks`` maps a parameter to ``(row_keep, col_keep)`` (see the module docstring); parameters not in
     it are fully kept. Reads hyper-parameters from ``optimizer.param_groups`` (LR schedulers apply) and
-    keeps ``optimizer.state`` in torch's format. ``only_if``: a 0-d bool tensor on the parameters' device; the
-    kernel writes nothing when it is False (no host read). Returns a :class:`TakenStep` (truthy), or ``False``
+    keeps ``optimizer.state`` in torch's format. ``only_if_finite``: a one-element float tensor on the
+    parameters' device; the kernel writes nothing when it is NaN or infinite (no host read). Returns a :class:`TakenStep` (truthy), or ``False``
     and changes nothing when the optimizer, its options or a tensor is unsupported; the caller then uses the
     reference path.
     """
@@ -475,11 +477,11 @@ def fused_masked_step(optimizer: torch.optim.Optimizer, masks: dict | None,
         if items is None:
             return False
         plans.append((group, items))
-    if only_if is not None:
-        if not torch.is_tensor(only_if) or only_if.numel() != 1 or only_if.dtype != torch.bool:
-            raise ValueError("only_if must be a one-element bool tensor (e.g. torch.isfinite(loss))")
+    if only_if_finite is not None and (not torch.is_tensor(only_if_finite) or only_if_finite.numel() != 1
+                                       or not only_if_finite.is_floating_point()):
+        raise ValueError("only_if_finite must be a one-element float tensor (e.g. the loss)")
     taken = TakenStep(optimizer, [item[0] for _, items in plans for item in items])
     for group, items in plans:
-        _launch_group(optimizer, kind, group, items, block_size, only_if)
+        _launch_group(optimizer, kind, group, items, block_size, only_if_finite)
     optimizer._opt_called = True  # what torch's step wrapper records for LR schedulers (no hooks run)
     return taken

@@ -151,6 +151,6 @@ class AutoBackend(Backend):
         """``main``'s masked update."""
         self.main.optimizer_step(optimizer, view)
 
-    def optimizer_step_if(self, optimizer, view, flag):
-        """``main``'s flag-guarded masked update."""
-        return self.main.optimizer_step_if(optimizer, view, flag)
+    def optimizer_step_if_finite(self, optimizer, view, value):
+        """``main``'s guarded masked update."""
+        return self.main.optimizer_step_if_finite(optimizer, view, value)

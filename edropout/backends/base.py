@@ -9,6 +9,7 @@ subclasses ``Backend`` (usually ``ReferenceBackend``, overriding what it does fa
 from __future__ import annotations
 
 import abc
+import math
 
 import torch
 import torch.nn as nn
@@ -63,13 +64,13 @@ class Backend(abc.ABC):
         """``optimizer.step()`` leaving every element that ``view`` (a ``StateView``) prunes, and its optimizer
         state, exactly unchanged."""
 
-    def optimizer_step_if(self, optimizer: torch.optim.Optimizer, view, flag: torch.Tensor):
-        """``optimizer_step`` only where ``flag`` (a 0-d bool tensor on the device: the training loss is finite)
-        holds; otherwise no weight and no optimizer state changes. Returns True (stepped) or False (not) when the
-        host read ``flag`` (here: one wait on CUDA), or, when the device alone decided, an object whose ``undo()``
+    def optimizer_step_if_finite(self, optimizer: torch.optim.Optimizer, view, value: torch.Tensor):
+        """``optimizer_step`` only if ``value`` (a 0-d tensor on the device: the training loss) is finite;
+        otherwise no weight and no optimizer state changes. Returns True (stepped) or False (not) when the host
+        read ``value`` (here: one wait on CUDA), or, when the device alone decided, an object whose ``undo()``
         puts back the step's host-side bookkeeping (step counters, lazily created state), for the caller to call
-        once it has read ``flag`` and found it False."""
-        if not bool(flag):
+        once it has read ``value`` and found it non-finite."""
+        if not math.isfinite(float(value)):
             return False
         self.optimizer_step(optimizer, view)
         return True

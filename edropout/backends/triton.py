@@ -19,7 +19,7 @@ checks run on the first batch scored; layers with forward hooks are computed in 
 
 The evolution step is one kernel launch (counter-based RNG keyed by seed and iteration) and the masked optimizer
 update one fused launch where ``edropout_kernels.fused_masked_step`` supports the optimizer (else the reference
-step); in ``step`` that launch also reads the loss's finiteness on the device and skips itself on a non-finite
+step); in ``step`` that launch also reads the loss on the device and skips itself on a non-finite
 loss, so the host never waits for it. This module is the engine's only way into ``edropout_kernels``.
 """
 from __future__ import annotations
@@ -438,6 +438,19 @@ def _keep_columns(units, plan, modules, folds):
     return columns, counts
 
 
+def _column_layout(units, plan, modules, folds, device):
+    """``_keep_columns`` as (labels with their widths, per-layer counts, the bit index on ``device``), built once
+    per plan, hooked layers, folds and device (their host work and upload are not repeated every call)."""
+    hooked = tuple(name for name, m in modules.items() if _kind(m) and has_forward_hooks([m]))
+    key = ("layout", hooked, tuple(folds), str(device))
+    hit = plan.index_cache.get(key)
+    if hit is None:
+        columns, counts = _keep_columns(units, plan, modules, folds)
+        index = torch.cat([i.to(torch.long) for _, i in columns]).to(device)
+        hit = plan.index_cache[key] = ([(label, i.numel()) for label, i in columns], counts, index)
+    return hit
+
+
 @contextlib.contextmanager
 def _routed(model, units, states, batch_statistics, plan, ek):
     """Within the block, ``model`` scores ``states`` [S, D] on member-major S·B rows through the kernels, like
@@ -448,14 +461,12 @@ def _routed(model, units, states, batch_statistics, plan, ek):
     modules = dict(model.named_modules())
     folds = _active_folds(plan, modules, batch_statistics)
     folded_norms = {id(bn) for bn in folds.values()}
-    columns, counts = _keep_columns(units, plan, modules, folds)
-    labels = tuple(label for label, _ in columns)
-    index = plan.index(("columns",) + labels, torch.cat([i.to(torch.long) for _, i in columns]), ext.device)
+    sizes, counts, index = _column_layout(units, plan, modules, folds, ext.device)
     table = ext[:, index]
     views, first = {}, 0
-    for label, i in columns:
-        views[label] = table[:, first:first + i.numel()]
-        first += i.numel()
+    for label, size in sizes:
+        views[label] = table[:, first:first + size]
+        first += size
     masks = {label[1]: view for label, view in views.items() if label[0] == "mask"}
     orders = iter(ek.kept_first_orders([view for label, view in views.items() if label[0] != "mask"]))
     kept = {name: _LayerKeeps(*(next(orders) for _ in range(n))) for name, n in counts.items()}
@@ -537,7 +548,7 @@ class TritonBackend(ReferenceBackend):
         for chunk_states, members, xs in member_chunks(states, x, self.max_members):
             with _routed(model, units, chunk_states, self.batch_statistics, plan, ek):
                 out.append(_energies(ek, self.energy_fn, model(xs), y, members))
-        return torch.cat(out)
+        return out[0] if len(out) == 1 else torch.cat(out)
 
     def children(self, population, mutation_factor, crossover_rate, *, generator, seed, iteration):
         """Children in one launch; counter-based RNG keyed by (seed, iteration): reproducible and resumable
@@ -554,9 +565,9 @@ class TritonBackend(ReferenceBackend):
         if not _kernels(self.device).fused_masked_step(optimizer, view.row_col_keeps):
             super().optimizer_step(optimizer, view)
 
-    def optimizer_step_if(self, optimizer, view, flag):
-        """The fused masked update with ``flag`` read by the kernel (no host read: the returned step's ``undo()``
-        puts back its host-side bookkeeping if ``flag`` turns out False); the reference step, after a host read of
-        ``flag``, where the optimizer is not supported."""
-        taken = _kernels(self.device).fused_masked_step(optimizer, view.row_col_keeps, only_if=flag)
-        return taken if taken else super().optimizer_step_if(optimizer, view, flag)
+    def optimizer_step_if_finite(self, optimizer, view, value):
+        """The fused masked update with ``value`` judged by the kernel (no host read: the returned step's
+        ``undo()`` puts back its host-side bookkeeping if ``value`` turns out non-finite); the reference step,
+        after a host read of ``value``, where the optimizer is not supported."""
+        taken = _kernels(self.device).fused_masked_step(optimizer, view.row_col_keeps, only_if_finite=value)
+        return taken if taken else super().optimizer_step_if_finite(optimizer, view, value)

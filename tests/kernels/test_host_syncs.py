@@ -4,7 +4,7 @@ read (``edropout.host.read``: the best state, its energy's finiteness, the batch
 step's loss in one transfer), and a converged step (masked dense training) once as well: the batch check with the
 previous step's loss. What remains elsewhere, and is counted here too: the reference and batched backends (and the
 triton backend with an optimizer the fused update declines) read the loss's finiteness on the host before the
-masked step (``Backend.optimizer_step_if``: one ``_local_scalar_dense``).
+masked step (``Backend.optimizer_step_if_finite``: one ``_local_scalar_dense``).
 
 Counted on CPU: ATen operations that read a device value on the host (``.item()``, ``float()``, ``bool()``,
 ``torch.equal`` reach the dispatcher as ``_local_scalar_dense``, ``is_nonzero``, ``equal``) and Python-level
@@ -66,7 +66,7 @@ def counting(monkeypatch):
         yield mode.ops, calls, before
 
 
-# the host-side loss check that remains off the fused update: Backend.optimizer_step_if's bool(flag)
+# the host-side loss check that remains off the fused update: Backend.optimizer_step_if_finite's float(value)
 _LOSS_READ = {"reference": ["_local_scalar_dense"], "batched": ["_local_scalar_dense"], "triton": []}
 
 

@@ -282,12 +282,13 @@ def test_bad_mask_shape_returns_false():
     assert torch.equal(snap, params[0].detach()) and len(opt.state) == 0
 
 
-@pytest.mark.parametrize("case", ["sgd_momentum_dampening", "adam_amsgrad_wd", "adadelta_official"])
+@pytest.mark.parametrize("case,bad", [("sgd_momentum_dampening", float("nan")), ("adam_amsgrad_wd", float("inf")),
+                                      ("adadelta_official", -float("inf"))])
 @pytest.mark.parametrize("fresh", [True, False])
-def test_a_step_whose_flag_is_false_changes_nothing_once_undone(case, fresh):
-    """``only_if`` False: the kernel writes no element; ``undo()`` restores step counters and lazily created state,
-    so the next step matches the masked reference of an optimizer that never saw the skipped call (SGD's first
-    momentum step included: buffer = gradient). ``only_if`` True is the ordinary step."""
+def test_a_step_whose_value_is_not_finite_changes_nothing_once_undone(case, bad, fresh):
+    """``only_if_finite`` NaN or infinite: the kernel writes no element; ``undo()`` restores step counters and
+    lazily created state, so the next step matches the masked reference of an optimizer that never saw the
+    skipped call (SGD's first momentum step included: buffer = gradient). A finite value is the ordinary step."""
     cls, kw = CASES[case]
     params = make_params(21)
     ref = [torch.nn.Parameter(p.detach().clone()) for p in params]
@@ -296,14 +297,14 @@ def test_a_step_whose_flag_is_false_changes_nothing_once_undone(case, fresh):
     if not fresh:
         masks = random_masks(params, gen, 0)
         set_grads(params, ref, masks, gen)
-        assert fused_masked_step(opt_k, masks, only_if=torch.tensor(True, device=DEVICE))
+        assert fused_masked_step(opt_k, masks, only_if_finite=torch.tensor(2.5, device=DEVICE))
         reference_masked_step(opt_r, translate(masks, params, ref))
         assert_same(opt_k, params, opt_r, ref, "flag True")
     values = [p.detach().clone() for p in params]
     state = copy.deepcopy(opt_k.state_dict())
     masks = random_masks(params, gen, 1)
     set_grads(params, ref, masks, gen, poison=False)
-    taken = fused_masked_step(opt_k, masks, block_size=128, only_if=torch.isfinite(torch.tensor(float("nan"))))
+    taken = fused_masked_step(opt_k, masks, block_size=128, only_if_finite=torch.tensor(bad, device=DEVICE))
     assert taken
     assert all(torch.equal(a.view(torch.int32), p.detach().view(torch.int32)) for a, p in zip(values, params))
     taken.undo()
