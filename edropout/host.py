@@ -2,7 +2,7 @@
 
 On CUDA any read of a device value (``.item()``, ``float()``, ``bool()``, ``.cpu()``, ``torch.equal``, indexing with
 a 0-d tensor) waits for every queued kernel, and so does a plain copy from pageable host memory to the device.
-An evolving ``EDropout.step`` reads the device once: ``read`` brings the best state, the finiteness of its energy,
+An evolving ``EDropout.step`` reads the device once: ``read`` brings the best state, its energy,
 the batch's value checks and the previous step's training loss to the host in one transfer, which decides
 convergence; what derives from the best state is computed on that host copy and sent back with ``upload``, which
 does not wait.

@@ -1,6 +1,6 @@
 """The host synchronisations of ``EDropout.step``. On the accelerated path (backend "triton", whose fused masked
 update judges the training loss on the device) an evolving step reads the device exactly once: the convergence
-read (``edropout.host.read``: the best state, its energy's finiteness, the batch's value checks and the previous
+read (``edropout.host.read``: the best state, its energy, the batch's value checks and the previous
 step's loss in one transfer), and a converged step (masked dense training) once as well: the batch check with the
 previous step's loss. What remains elsewhere, and is counted here too: the reference and batched backends (and the
 triton backend with an optimizer the fused update declines) read the loss's finiteness on the host before the
