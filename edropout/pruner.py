@@ -241,8 +241,8 @@ class EDropout:
         return values[:len(tensors)]
 
     def _settle(self, values=None, check=None) -> None:
-        """Report the last step's deferred loss check (only if it is ``check``, when given) from the host copies
-        of its loss and flag (``values``; read here when None): a skipped update raises or is warned about and
+        """Report the last step's deferred loss check (only if it is ``check``, when given) from the host values
+        of its ``tensors`` (``values``; read here when None): a skipped update raises or is warned about and
         counted, for its own iteration (it wrote nothing; ``DeferredLossCheck.settle`` undoes its bookkeeping)."""
         pending = self._pending
         if pending is None or (check is not None and check is not pending):
