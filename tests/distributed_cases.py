@@ -15,6 +15,7 @@ from torch.nn.parallel import DistributedDataParallel
 import edropout.app.cli as cli
 import edropout.app.training as training
 from edropout import EDropout
+from edropout.checks import NonFiniteError
 from edropout.backends.compact import CompactBackend
 from edropout.distributed import RanksDiverged
 from nets import ConcatNet, randomise_bn, small_net
@@ -162,6 +163,30 @@ def skip_case(rank, world):
     return None
 
 
+def infinite_logits(module, inputs, output):
+    """A forward hook that makes every logit infinite (the cross-entropy is then NaN)."""
+    return output + float("inf")
+
+
+def nonfinite_loss_case(rank, world):
+    """Rank 1's logits are infinite (its training loss is NaN; the energies ignore the logits): DDP averages that
+    rank's gradients into every rank's, so every rank must skip the update and raise, naming the iteration, with
+    its weights unchanged."""
+    x, y = shard(*batch(8), rank, world)
+    net = model()
+    if rank == 1:
+        net.register_forward_hook(infinite_logits)
+    before = [p.detach().clone() for p in net.parameters()]
+    pruner = EDropout(DistributedDataParallel(net), x[:2], population_size=4, backend="reference", seed=3,
+                      energy=lambda logits, targets: targets.double())
+    try:
+        pruner.step(x, y, torch.optim.SGD(net.parameters(), lr=0.1))
+        error = None
+    except NonFiniteError as exc:
+        error = str(exc)
+    return {"error": error, "unchanged": all(torch.equal(a, p.detach()) for a, p in zip(before, net.parameters()))}
+
+
 def settings_case(rank, world):
     """Ranks built with different population sizes must both get a clear error at construction."""
     x, _ = batch(4)
@@ -255,6 +280,7 @@ def run_all(rank, world, directory):
     out["hooked"] = hooked_case(rank, world)
     out["other_batches"] = other_batches_case(rank, world)
     out["skip"] = skip_case(rank, world)
+    out["nonfinite_loss"] = nonfinite_loss_case(rank, world)
     out["cli"] = cli_case(rank, world, directory)
     return out
 

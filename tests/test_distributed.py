@@ -165,6 +165,14 @@ def test_skipping_nonfinite_batches_is_refused_across_ranks(ranks):
         assert "on_nonfinite='skip' cannot be used across ranks" in ranks[r]["skip"]
 
 
+def test_a_non_finite_loss_on_one_rank_skips_the_update_on_every_rank(ranks):
+    for r in range(WORLD):
+        seen = ranks[r]["nonfinite_loss"]
+        assert seen["unchanged"], f"rank {r} changed its weights"
+        expected = "the training loss is" if r == 1 else "another rank's training loss is non-finite"
+        assert seen["error"] and expected in seen["error"] and "at iteration 1; no weight was changed" in seen["error"]
+
+
 def test_ranks_with_different_settings_are_refused_at_construction(ranks):
     for r in range(WORLD):
         assert "disagree on population_size" in ranks[r]["settings"]
