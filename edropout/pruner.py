@@ -191,8 +191,10 @@ class EDropout:
                  "rescore_parents": self.rescore_parents, "score_in_eval_mode": score_in_eval_mode,
                  "parallel": self.parallelism.mode}, self.device)
             self._state_check = StateCheck(self.num_units, self.device)
-            # a member's scoring work grows with what it keeps (kept-channel paths): deal members by kept parameters
-            self._scorer = self.parallelism.scorer(self._score_locally, self._state_check, self.units.kept_parameters)
+            # a member's scoring work grows with what it keeps (kept-channel paths): deal members by the backend's
+            # estimate of it
+            self._scorer = self.parallelism.scorer(self._score_locally, self._state_check,
+                                                   lambda states, x: self.backend.scoring_costs(states, x))
 
     @property
     def backend(self) -> Backend:

@@ -134,6 +134,10 @@ class AutoBackend(Backend):
         """Energies [S] from ``scorer``'s choice."""
         return self.scorer(states, x).score(states, x, y)
 
+    def scoring_costs(self, states, x):
+        """``scorer``'s estimate."""
+        return self.scorer(states, x).scoring_costs(states, x)
+
     def children(self, population, mutation_factor, crossover_rate, *, generator, seed, iteration):
         """``main``'s children."""
         return self.main.children(population, mutation_factor, crossover_rate, generator=generator, seed=seed,

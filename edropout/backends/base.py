@@ -45,6 +45,12 @@ class Backend(abc.ABC):
         """Energies [S] of ``states`` [S, D] (bool, on the model's device) on the batch; the model is left
         untouched."""
 
+    def scoring_costs(self, states: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+        """Estimated work [N] of scoring each of ``states`` [N, D] on batches like ``x``, in any unit (only the
+        order and ratios matter): population-parallel ranks deal the members by it so that they finish together.
+        Here the trainable parameters each state keeps, a proxy for kept-channel work."""
+        return self.units.kept_parameters(states)
+
     @abc.abstractmethod
     def children(self, population: torch.Tensor, mutation_factor: float, crossover_rate: float, *,
                  generator: torch.Generator, seed: int, iteration: int) -> torch.Tensor:

@@ -31,7 +31,8 @@ from ..energy import member_energies
 from ..modes import all_modules_in
 from ._compact_exec import run
 from ._compact_plan import CompactUnsupported, build_plan
-from ._model_analysis import has_forward_hooks
+from ._compact_values import CHANNEL_MULTIPLE
+from ._model_analysis import has_forward_hooks, weight_axes
 from .batched import BatchedBackend
 
 # model -> {batch_statistics, or ("train", modes): Plan or CompactUnsupported}; entries die with the model
@@ -61,6 +62,27 @@ def plan_for(model: nn.Module, units, x: torch.Tensor, batch_statistics: bool, t
                 entry["warned"] = True
         entry[key] = found
     return found
+
+
+def kept_macs(plan, units, model, states: torch.Tensor) -> torch.Tensor:
+    """Multiply-adds per sample [N] that the interpreter does for each of ``states`` [N, D] in the Conv/Linear
+    layers: each layer's dense count times its stored share of input and output channels, convolution channels
+    counted padded to ``CHANNEL_MULTIPLE`` as the interpreter stores them (a 16-channel layer keeping 9 computes 16)."""
+    ext = units.extended(states.reshape(-1, units.num_units).cpu()).double()
+    modules = dict(model.named_modules())
+    total = torch.zeros(ext.shape[0], dtype=torch.float64)
+    for name, macs in plan.layer_macs.items():
+        share = torch.ones_like(total)
+        conv = modules[name].weight.dim() > 2
+        for dim, index in weight_axes(units, name).items():
+            if dim in (0, 1):
+                width = index.shape[0]
+                kept = ext[:, index].sum(dim=1)
+                if conv:
+                    kept = (kept.clamp(min=1) / CHANNEL_MULTIPLE).ceil().mul(CHANNEL_MULTIPLE).clamp(max=width)
+                share = share * kept / width
+        total += macs * share
+    return total
 
 
 def _has_hooks(model, plan) -> bool:
@@ -113,6 +135,14 @@ class CompactBackend(BatchedBackend):
         members = states.shape[0]
         rows = logits.index_select(0, inverse.to(logits.device)).flatten(0, 1)
         return member_energies(self.energy_fn, rows, y.repeat(members), members)
+
+    def scoring_costs(self, states, x):
+        """Where the interpreter scores: the multiply-adds each state keeps (``kept_macs``), which dominate a
+        member's time (the per-member interpreter overhead is the same for every member); else the batched
+        backend's estimate."""
+        if not self.runs_compact(x):
+            return super().scoring_costs(states, x)
+        return kept_macs(self.plan(x), self.units, self.model, states)
 
     @property
     def trains_kept_channels(self) -> bool:

@@ -99,7 +99,7 @@ class PopulationParallelScorer:
 
     def __init__(self, local_score, group, check: StateCheck, cost=None):
         self.local_score, self.group, self.check = local_score, group, check
-        self.cost = cost  # cost(states [N, D]) -> Tensor[N]: estimated work of scoring each state (None: equal)
+        self.cost = cost  # cost(states [N, D], x) -> Tensor[N]: estimated work of scoring each state (None: equal)
         self._layouts = {}
 
     def score(self, states: torch.Tensor, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
@@ -111,7 +111,7 @@ class PopulationParallelScorer:
         layout = self._layouts[n]
         per = layout.shape[1]
         costly_first = (torch.arange(n, device=states.device) if self.cost is None else
-                        torch.argsort(self.cost(states), descending=True, stable=True))
+                        torch.argsort(self.cost(states, x).to(states.device), descending=True, stable=True))
         mine = layout[rank][layout[rank] >= 0]
         chunk = torch.full((per + 2,), float("inf"), dtype=torch.float64, device=states.device)
         if len(mine):
