@@ -259,9 +259,10 @@ def test_compact_without_channel_padding(name, batch, monkeypatch):
     assert_close(fast, ref, path="net")  # fp32 through up to 20 BatchNorm layers
 
 
-def test_kept_macs_count_each_layers_padded_kept_channels():
-    # LeNet-style at 12×12: conv 1→16 (12×12 out), pool, conv 16→32 (6×6 out), pool, flatten 32·3·3, fc 288→128,
-    # fc 128→64, fc 64→10; convolution channel counts are stored padded to a multiple of 8, Linear features not
+def test_member_work_counts_each_member_layers_padded_kept_channels_and_outputs():
+    # LeNet-style at 12×12: conv 1→16 (12×12 out, shared by every member: not counted), pool, conv 16→32 (6×6 out),
+    # pool, flatten 32·3·3, fc 288→128, fc 128→64, fc 64→10; convolution channel counts are stored padded to a
+    # multiple of 8, Linear features not
     from edropout.app.models import build_model
     from edropout.backends._model_analysis import weight_axes
     net = build_model("lenet", 1, 12, 10)
@@ -281,8 +282,7 @@ def test_kept_macs_count_each_layers_padded_kept_channels():
     expected = []
     for s in states:
         c1, c2, f1, f2 = (int(s[bits[name]].sum()) for name in bits)
-        expected.append(12 * 12 * 25 * padded(c1, 16) + 6 * 6 * 25 * padded(c1, 16) * padded(c2, 32)
-                        + 9 * c2 * f1 + f1 * f2 + f2 * 10)
-    found = compact.kept_macs(pruner.backend.plan(x), pruner.units, net, states)
-    assert found.tolist() == [float(e) for e in expected]
+        expected.append(6 * 6 * padded(c2, 32) * 25 * padded(c1, 16) + f1 * 9 * c2 + f2 * f1 + 10 * f2)
+    found = compact.member_work(pruner.backend.plan(x), pruner.units, net, states)
+    assert_close(found, torch.tensor(expected, dtype=torch.float64), rtol=1e-12, atol=0)
     assert pruner.backend.scoring_costs(states, x).tolist() == found.tolist()
