@@ -68,6 +68,31 @@ def batch_flags(x: torch.Tensor, y: torch.Tensor) -> list[torch.Tensor]:
     return flags
 
 
+def batch_verdict(flags, x: torch.Tensor, classes: int) -> torch.Tensor:
+    """This rank's batch judged on the device, not read: [labels outside [0, classes), any input non-finite] as
+    0/1 float64 (exact: ``x`` is checked element by element, not by its sum, which may overflow). Ranks sum their
+    verdicts in a collective, so that a bad batch on one rank stops every rank, not that rank alone while the
+    others wait for it in their next collective."""
+    labels = (flags[0] < 0) | (flags[1] >= classes)
+    if x.is_floating_point() or x.is_complex():
+        values = ~torch.isfinite(torch.view_as_real(x) if x.is_complex() else x).all()
+    else:
+        values = torch.zeros_like(labels)
+    return torch.stack([labels, values]).double()
+
+
+def other_ranks_problem(everywhere, classes: int) -> str | None:
+    """What is wrong with another rank's batch, from the host copy of the ranks' summed ``batch_verdict``s, for a
+    rank whose own batch is fine: labels out of range raise ``ValueError``; non-finite inputs are returned."""
+    labels, values = everywhere.tolist()
+    if labels:
+        raise ValueError(f"another rank's batch has labels outside [0, {classes}), so every rank stops here. Remap "
+                         f"the labels or fix the classifier size")
+    if values:
+        return "another rank's batch holds non-finite values (NaN or infinity), so every rank stops here"
+    return None
+
+
 def batch_problem(flags, x: torch.Tensor, classes: int) -> str | None:
     """What is wrong with the batch's values, from the host copies of its ``batch_flags``: labels outside
     [0, classes) raise ``ValueError``; non-finite inputs are returned as a problem (counted exactly, which reads

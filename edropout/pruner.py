@@ -17,8 +17,8 @@ import torch.nn.functional as F
 
 from . import evolution as evo
 from .backends import Backend, make_backend
-from .checks import (LogitsOf, NonFiniteError, batch_flags, batch_problem, check_batch, check_logits,
-                     check_on_nonfinite, check_optimizer, model_device)
+from .checks import (LogitsOf, NonFiniteError, batch_flags, batch_problem, batch_verdict, check_batch, check_logits,
+                     check_on_nonfinite, check_optimizer, model_device, other_ranks_problem)
 from .deferred_loss import DeferredLossCheck
 from .distributed import StateCheck, forward_inside, resolve_parallelism, unwrap, wrapper_like
 from .energy import resolve_energy
@@ -225,12 +225,32 @@ class EDropout:
 
     def _finite_batch(self, x, y):
         """The batch's labels as int64; a non-finite input raises ``NonFiniteError`` (whatever ``on_nonfinite``:
-        a call that only scores has no batch to skip). One read of the device."""
+        a call that only scores has no batch to skip), on every rank when any rank's batch has one. One read of the
+        device."""
         y = check_batch(x, y, self.device)
-        problem = batch_problem(self._read_settling(*batch_flags(x, y)), x, self.num_classes)
+        problem = self._read_batch_problem(x, batch_flags(x, y))
         if problem:
             raise NonFiniteError(f"{problem}; clean or drop this batch")
         return y
+
+    def _read_batch_problem(self, x, flags):
+        """``_batch_problem`` of the batch's unread ``flags``, read with the last step's loss; across ranks after
+        one all-reduce of the ranks' batch verdicts (2 values), so that every rank judges every batch."""
+        if self.parallelism is None:
+            return self._batch_problem(self._read_settling(*flags), x)
+        everywhere = batch_verdict(flags, x, self.num_classes)
+        dist.all_reduce(everywhere, group=self.parallelism.group)
+        *flags_host, everywhere_host = self._read_settling(*flags, everywhere)
+        return self._batch_problem(flags_host, x, everywhere_host)
+
+    def _batch_problem(self, flags_host, x, everywhere=None):
+        """What is wrong with this rank's batch (``checks.batch_problem``; labels out of range raise), else, given
+        the host copy of the ranks' summed batch verdicts, with another rank's (``checks.other_ranks_problem``):
+        every rank stops on the same batch, none waits alone in a collective; None when every batch is fine."""
+        problem = batch_problem(flags_host, x, self.num_classes)
+        if problem is None and everywhere is not None:
+            problem = other_ranks_problem(everywhere, self.num_classes)
+        return problem
 
     def _read_settling(self, *tensors) -> list:
         """Host copies of ``tensors`` in one read (``host.read``), which also reads and reports the last step's
@@ -282,16 +302,19 @@ class EDropout:
         """Energies [N] of arbitrary states [N, D] on a batch; the model is left untouched. A state whose energy
         is non-finite gets +inf. Distributed, a collective: the energies of the global batch (data mode; ``x`` is
         this rank's shard) or of the batch that every rank holds (population mode)."""
-        return self._score(states, x, self._finite_batch(x, y))
+        return self._score(states, x, self._finite_batch(x, y))[0]
 
-    def _score(self, states, x, y):
+    def _score(self, states, x, y, verdict=None):
+        """(energies [N] of ``states``, the ranks' summed batch verdicts or None in one process): across ranks the
+        energy collective also carries this rank's ``verdict`` (``checks.batch_verdict``; None: nothing to report)."""
         states = states.reshape(-1, self.num_units).to(self.device).bool()
+        everywhere = None
         if self._scorer is not None:
             self.parallelism.check_batch(x)
-            energies = self._scorer.score(states, x, y)
+            energies, everywhere = self._scorer.score(states, x, y, verdict)
         else:
             energies = self._score_locally(states, x, y)
-        return energies if self.size_target is None else self.size_target.penalise(states, energies)
+        return energies if self.size_target is None else self.size_target.penalise(states, energies), everywhere
 
     def _score_locally(self, states, x, y):
         return self.backend.score(states, x, y)
@@ -325,11 +348,13 @@ class EDropout:
                                          generator=self.generator, seed=self.seed, iteration=self.iteration)
         children = self._on_target(evo.keep_one_per_group(children, self._group_of_unit, self.generator, self._groups))
         stored = self.stored_energies
+        # across ranks the batch's verdict travels with the energies, so that every rank stops on a bad batch
+        verdict = None if not flags or self.parallelism is None else batch_verdict(flags, x, self.num_classes)
         if stored is None or self.rescore_parents:
-            stored, child_energies = self._score(torch.cat([self.population, children]), x, y).split(
-                self.population_size)
+            scored, everywhere = self._score(torch.cat([self.population, children]), x, y, verdict)
+            stored, child_energies = scored.split(self.population_size)
         else:
-            child_energies = self._score(children, x, y)
+            child_energies, everywhere = self._score(children, x, y, verdict)
         population, energies, best_index = self.backend.select(self.population, stored, children, child_energies)
         index = best_index.reshape(1)
         best = population.index_select(0, index)[0]  # indexing with a 0-d tensor would wait for the device
@@ -337,9 +362,11 @@ class EDropout:
         # this host copy without waiting again), its energy, the batch's value checks (scoring changed no weight,
         # so a bad batch is still refused before any change) and the last step's loss
         try:
+            extra = [] if verdict is None else [everywhere]
             best_host, best_energy, *flags_host = self._read_settling(best, energies.index_select(0, index),
-                                                                      *(flags or ()))
-            problem = batch_problem(flags_host, x, self.num_classes) if flags_host else None
+                                                                      *(flags or ()), *extra)
+            everywhere_host = flags_host.pop() if extra else None
+            problem = self._batch_problem(flags_host, x, everywhere_host) if flags_host else None
         except Exception:
             self.generator.set_state(generator_state)
             raise
@@ -405,7 +432,7 @@ class EDropout:
         if not self.converged:
             problem = self._evolve(x, y.clamp(0, self.num_classes - 1), flags)
         else:
-            problem = batch_problem(self._read_settling(*flags), x, self.num_classes)
+            problem = self._read_batch_problem(x, flags)
         if problem:
             return self._nonfinite(problem)
         if self.parallelism is not None:

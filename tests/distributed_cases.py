@@ -298,3 +298,63 @@ def worker(rank, world, store, results):
         raise
     finally:
         dist.destroy_process_group()
+
+
+def _spoiled(x, y, how):
+    """The batch with one NaN input ("nan") or one label past the 10 classes ("label")."""
+    x, y = x.clone(), y.clone()
+    if how == "nan":
+        x.view(-1)[3] = float("nan")
+    else:
+        y[0] = 10
+    return x, y
+
+
+def bad_batch_case(rank, world, parallel, how, call, bad_rank):
+    """Rank ``bad_rank`` alone gets a bad batch (``_spoiled``) in ``call``: "step" (evolving), "converged" (a step
+    after ``finalize``) or "energies". Every rank must raise; returns (exception type name, message) or None."""
+    x, y = batch(8, seed=7)
+    if parallel == "data":
+        x, y = shard(x, y, rank, world)
+    net = model()
+    pruner = EDropout(DistributedDataParallel(net), x[:2], population_size=4, backend="compact", seed=3,
+                      parallel=parallel)
+    optimizer = torch.optim.SGD(net.parameters(), lr=0.01)
+    pruner.step(x, y, optimizer)  # a good step first
+    if call == "converged":
+        pruner.finalize()
+    if rank == bad_rank:
+        x, y = _spoiled(x, y, how)
+    try:
+        if call == "energies":
+            pruner.energies(x, y)
+        else:
+            pruner.step(x, y, optimizer)
+    except (NonFiniteError, ValueError) as exc:
+        return type(exc).__name__, str(exc)
+    return None
+
+
+BAD_BATCHES = [("population", "nan", "step", 1), ("data", "label", "step", 1), ("data", "nan", "converged", 0),
+               ("population", "nan", "energies", 1)]
+
+
+def bad_batch_worker(rank, world, store, results):
+    """Every ``BAD_BATCHES`` scenario in one gloo group whose collectives time out after 30 s (a rank left waiting
+    fails instead of hanging), each followed by an all-reduce that both ranks must reach in step."""
+    import datetime
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=world,
+                            timeout=datetime.timedelta(seconds=30))
+    try:
+        seen = []
+        for number, case in enumerate(BAD_BATCHES):
+            seen.append(bad_batch_case(rank, world, *case))
+            gc.collect()
+            together = torch.tensor([float(number)])
+            dist.all_reduce(together)
+            seen[-1] = (seen[-1], together.item())
+        torch.save(seen, os.path.join(results, f"bad_batch_rank{rank}.pt"))
+        dist.barrier()
+    finally:
+        dist.destroy_process_group()

@@ -260,8 +260,8 @@ def test_compact_without_channel_padding(name, batch, monkeypatch):
 
 
 def test_member_work_counts_each_member_layers_padded_kept_channels_and_outputs():
-    # LeNet-style at 12×12: conv 1→16 (12×12 out, shared by every member: not counted), pool, conv 16→32 (6×6 out),
-    # pool, flatten 32·3·3, fc 288→128, fc 128→64, fc 64→10; convolution channel counts are stored padded to a
+    # LeNet-style at 12×12: conv 1→16 (12×12 out, shared by every member: not counted), pool, conv 16→32 (6×6
+    # out), pool, flatten 32·3·3, fc 288→128, fc 128→64, fc 64→10; convolution channel counts are stored padded to a
     # multiple of 8, Linear features not
     from edropout.app.models import build_model
     from edropout.backends._model_analysis import weight_axes

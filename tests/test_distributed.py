@@ -4,6 +4,7 @@ on every rank, clear errors when ranks disagree or drift apart, and the main job
 and resumed. One torchrun job (killed) and one spawn (every other scenario, ``distributed_cases.run_all``) serve
 the whole module; the one-process references run here."""
 import json
+import time
 
 import pytest
 import torch
@@ -232,3 +233,29 @@ def test_snake_layout_deals_every_member_once_and_balances_sorted_costs(count, w
     costs = torch.arange(count, 0, -1, dtype=torch.float64)  # position p (sorted by cost) costs count - p
     work = torch.stack([costs[row[row >= 0]].sum() for row in layout])
     assert float(work.max() - work.min()) <= float(costs[0])  # within one member of each other
+
+
+def test_a_bad_batch_on_one_rank_stops_every_rank_with_a_clear_error(tmp_path):
+    # without the verdicts in the collectives the bad rank raised alone and the others waited for it in DDP's
+    # all-reduce: the group's 30 s timeout (and the join deadline here) turn such a hang into a failure
+    context = mp.start_processes(cases.bad_batch_worker, args=(WORLD, str(tmp_path / "store"), str(tmp_path)),
+                                 nprocs=WORLD, join=False, start_method="spawn")
+    deadline = time.monotonic() + 120
+    while not context.join(timeout=max(1.0, deadline - time.monotonic())):
+        if time.monotonic() > deadline:
+            for process in context.processes:
+                process.kill()
+            pytest.fail("the ranks hung on a bad batch on one rank")
+    seen = [torch.load(tmp_path / f"bad_batch_rank{r}.pt", weights_only=True) for r in range(WORLD)]
+    for number, (parallel, how, call, bad) in enumerate(cases.BAD_BATCHES):
+        for r in range(WORLD):
+            found, together = seen[r][number]
+            assert together == 2 * number, f"rank {r} left the other ranks behind after {parallel}/{how}/{call}"
+            assert found is not None, f"rank {r} went on after a bad batch on rank {bad} ({parallel}/{how}/{call})"
+            kind, message = found
+            assert kind == ("ValueError" if how == "label" else "NonFiniteError"), message
+            if r == bad:
+                assert ("labels must lie in [0, 10)" if how == "label" else "x holds 1 non-finite values") in message
+            else:
+                assert ("another rank's batch has labels outside [0, 10)" if how == "label" else
+                        "another rank's batch holds non-finite values") in message

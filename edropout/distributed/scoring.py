@@ -50,24 +50,34 @@ class StateCheck:
             f"step()/energies() together, with the same batch in parallel='population' mode")
 
 
+NO_VERDICT = (0.0, 0.0)  # what a call without a batch verdict contributes (``checks.batch_verdict``: all fine)
+
+
+def _verdict(verdict, device) -> torch.Tensor:
+    return (torch.tensor(NO_VERDICT, dtype=torch.float64, device=device) if verdict is None
+            else verdict.to(device, torch.float64))
+
+
 class DataParallelScorer:
     """Data-parallel: every rank scores all states on its own shard; per-member energy sums and the sample count
-    are all-reduced (one all-reduce of N + 3 float64 values), so each rank gets the global batch's mean energies."""
+    are all-reduced (one all-reduce of N + 5 float64 values, with the hash and the batch verdicts), so each rank
+    gets the global batch's mean energies."""
 
     def __init__(self, local_score, group, check: StateCheck):
         self.local_score, self.group, self.check = local_score, group, check
 
-    def score(self, states: torch.Tensor, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-        """Energies [N] of ``states`` on the union of all ranks' batches."""
+    def score(self, states: torch.Tensor, x: torch.Tensor, y: torch.Tensor, verdict=None):
+        """(energies [N] of ``states`` on the union of all ranks' batches, the ranks' summed batch verdicts [2]):
+        ``verdict`` is this rank's ``checks.batch_verdict`` (None: nothing to report)."""
         local = self.local_score(states, x, y)
         rows = float(x.shape[0])
         count = torch.full((1,), rows, dtype=torch.float64, device=local.device)
         hashed = self.check.value.to(local.device)
-        buffer = torch.cat([local.double() * rows, count, hashed, hashed * hashed])
+        buffer = torch.cat([local.double() * rows, count, hashed, hashed * hashed, _verdict(verdict, local.device)])
         dist.all_reduce(buffer, group=self.group)
         n = states.shape[0]
         self.check.verify_sums(buffer[n + 1], buffer[n + 2], dist.get_world_size(self.group))
-        return (buffer[:n] / buffer[n]).float()
+        return (buffer[:n] / buffer[n]).float(), buffer[n + 3:]
 
 
 def snake_layout(count: int, world: int) -> torch.Tensor:
@@ -94,16 +104,17 @@ def labels_fingerprint(y: torch.Tensor) -> torch.Tensor:
 class PopulationParallelScorer:
     """Population-parallel: every rank scores its share of the states on the whole batch (at most ceil(N/W)
     states, dealt by estimated cost so that the ranks finish together), and the energies are all-gathered (one
-    all-gather of ceil(N/W) + 2 float64 per rank: the energies, the best-state hash and a fingerprint of the
-    batch's labels, since every rank must hold the same batch)."""
+    all-gather of ceil(N/W) + 4 float64 per rank: the energies, the best-state hash, a fingerprint of the
+    batch's labels, since every rank must hold the same batch, and the batch verdict)."""
 
     def __init__(self, local_score, group, check: StateCheck, cost=None):
         self.local_score, self.group, self.check = local_score, group, check
         self.cost = cost  # cost(states [N, D], x) -> Tensor[N]: estimated work of scoring each state (None: equal)
         self._layouts = {}
 
-    def score(self, states: torch.Tensor, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-        """Energies [N] of ``states`` on the batch, every member scored by exactly one rank."""
+    def score(self, states: torch.Tensor, x: torch.Tensor, y: torch.Tensor, verdict=None):
+        """(energies [N] of ``states`` on the batch, every member scored by exactly one rank, the ranks' summed
+        batch verdicts [2]): ``verdict`` is this rank's ``checks.batch_verdict`` (None: nothing to report)."""
         world, rank = dist.get_world_size(self.group), dist.get_rank(self.group)
         n = states.shape[0]
         if n not in self._layouts:
@@ -113,16 +124,19 @@ class PopulationParallelScorer:
         costly_first = (torch.arange(n, device=states.device) if self.cost is None else
                         torch.argsort(self.cost(states, x).to(states.device), descending=True, stable=True))
         mine = layout[rank][layout[rank] >= 0]
-        chunk = torch.full((per + 2,), float("inf"), dtype=torch.float64, device=states.device)
+        chunk = torch.full((per + 4,), float("inf"), dtype=torch.float64, device=states.device)
         if len(mine):
             chunk[:len(mine)] = self.local_score(states[costly_first[mine.to(states.device)]], x, y).double()
         chunk[per] = self.check.value.to(chunk.device)[0]
         chunk[per + 1] = labels_fingerprint(y)
+        chunk[per + 2:] = _verdict(verdict, chunk.device)
         everyone = [torch.empty_like(chunk) for _ in range(world)]
         dist.all_gather(everyone, chunk, group=self.group)
         table = torch.stack(everyone)
         self.check.verify(table[:, per])
-        if not bool((table[:, per + 1] == table[0, per + 1]).all()):
+        everywhere = table[:, per + 2:].sum(dim=0)
+        # a bad batch on some rank (a label out of range changes the fingerprint) is reported by the pruner instead
+        if not bool((table[:, per + 1] == table[0, per + 1]).all() | (everywhere > 0).any()):
             raise ValueError("parallel='population' scores every member on the whole batch, but the ranks hold "
                              "different batches; give every rank the same batches (no DistributedSampler; the "
                              "same shuffling seed)")
@@ -130,4 +144,4 @@ class PopulationParallelScorer:
         filled = (dealt >= 0).to(states.device)
         energies = torch.empty(n, dtype=torch.float64, device=states.device)
         energies[costly_first[dealt.to(states.device)[filled]]] = table[:, :per].flatten()[filled]
-        return energies.float()
+        return energies.float(), everywhere
