@@ -137,6 +137,15 @@ def test_states_and_weights_identical_across_ranks(ranks, backend, parallel):
         assert torch.equal(second["weights"][name], value), name
 
 
+@pytest.mark.parametrize("case", [(b, p) for b in cases.BACKENDS for p in MODES] + [("batchnorm",)])
+def test_averaging_the_kept_gradients_gives_ddps_weights_bit_for_bit(ranks, case):
+    for r in range(WORLD):
+        seen = ranks[r][("kept_gradients",) + case]
+        assert seen["kept_calls"] == 5 and seen["changed"]
+        assert seen["equal"], f"rank {r}: weights differ from DDP's all-reduce"
+        assert seen["hook_ran"], f"rank {r}: a registered DDP communication hook was bypassed"
+
+
 def test_model_hooks_run_once_in_a_ddp_training_forward(ranks):
     # the model's root hook doubles its logits; the training loss must be that of doubled logits, not quadrupled
     for r in range(WORLD):
