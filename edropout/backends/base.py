@@ -47,9 +47,9 @@ class Backend(abc.ABC):
 
     def scoring_costs(self, states: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
         """Estimated work [N] of scoring each of ``states`` [N, D] on batches like ``x``, in any unit (only the
-        order and ratios matter): population-parallel ranks deal the members by it so that they finish together.
-        Here the trainable parameters each state keeps, a proxy for kept-channel work."""
-        return self.units.kept_parameters(states)
+        order and ratios matter), on the host: population-parallel ranks deal the members by it so that they
+        finish together. Here every member costs the same (a dense forward each)."""
+        return torch.ones(states.shape[0], dtype=torch.float64)
 
     @abc.abstractmethod
     def children(self, population: torch.Tensor, mutation_factor: float, crossover_rate: float, *,

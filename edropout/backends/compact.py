@@ -64,6 +64,10 @@ def plan_for(model: nn.Module, units, x: torch.Tensor, batch_statistics: bool, t
     return found
 
 
+# t/c: the compact interpreter's cost of one per-member step, in kept multiply-adds (fitted in ``auto``'s docstring)
+MEASURED_STEP_MACS = 3.5e6
+
+
 def member_work(plan, units, model, states: torch.Tensor) -> torch.Tensor:
     """Multiply-adds per sample [N] that each of ``states`` [N, D] costs in the member steps of ``plan`` (the shared
     steps cost every member the same): every member Conv/Linear's dense count times its stored shares of input and
@@ -141,11 +145,13 @@ class CompactBackend(BatchedBackend):
         return member_energies(self.energy_fn, rows, y.repeat(members), members)
 
     def scoring_costs(self, states, x):
-        """Where the interpreter scores: ``member_work``, the work that differs between members (the per-member
-        interpreter overhead is the same for every member); else the batched backend's estimate."""
+        """Where the interpreter scores, in multiply-adds: the batch's rows times ``member_work`` plus the
+        interpreter's fixed cost per member (``MEASURED_STEP_MACS`` per member step); else the batched backend's
+        estimate."""
         if not self.runs_compact(x):
             return super().scoring_costs(states, x)
-        return member_work(self.plan(x), self.units, self.model, states)
+        plan = self.plan(x)
+        return x.shape[0] * member_work(plan, self.units, self.model, states) + len(plan.member) * MEASURED_STEP_MACS
 
     @property
     def trains_kept_channels(self) -> bool:
