@@ -20,8 +20,7 @@ from .backends import Backend, make_backend
 from .checks import (LogitsOf, NonFiniteError, batch_flags, batch_problem, batch_verdict, check_batch, check_logits,
                      check_on_nonfinite, check_optimizer, model_device, other_ranks_problem)
 from .deferred_loss import DeferredLossCheck
-from .distributed import KeptGradients, StateCheck, forward_inside, reduces_like_ddp, resolve_parallelism, unwrap, \
-    wrapper_like
+from .distributed import StateCheck, forward_inside, resolve_parallelism, unwrap, wrapper_like
 from .energy import resolve_energy
 from .export import export_pruned
 from .exported_training import ExportedNetworkTrainer
@@ -184,7 +183,6 @@ class EDropout:
         self.pruned_values = {}
         self._best_view = None
         self._scorer = None
-        self._kept_gradients = None
         if self.parallelism is not None:
             self.parallelism.check_same_settings(
                 {"population_size": self.population_size, "num_units": self.num_units, "seed": self.seed,
@@ -193,12 +191,8 @@ class EDropout:
                  "rescore_parents": self.rescore_parents, "score_in_eval_mode": score_in_eval_mode,
                  "parallel": self.parallelism.mode}, self.device)
             self._state_check = StateCheck(self.num_units, self.device)
-            # a member's scoring work grows with what it keeps (kept-channel paths): deal members by the backend's
-            # estimate of it
-            self._scorer = self.parallelism.scorer(self._score_locally, self._state_check,
-                                                   lambda states, x: self.backend.scoring_costs(states, x))
-            if self.ddp is not None:
-                self._kept_gradients = KeptGradients(self.ddp, self.parallelism.group, self.parallelism.world_size)
+            # a member's scoring work grows with what it keeps (kept-channel paths): deal members by kept parameters
+            self._scorer = self.parallelism.scorer(self._score_locally, self._state_check, self.units.kept_parameters)
 
     @property
     def backend(self) -> Backend:
@@ -452,16 +446,12 @@ class EDropout:
                 return self._nonfinite_loss(loss, saved, trained)
             trainer.update(loss)
         else:
-            # across ranks the pruner averages the kept gradients itself where that equals DDP's average
-            kept = self._kept_gradients if self._kept_gradients is not None and reduces_like_ddp(self.ddp) else None
             # restored after backward: autograd saves the running statistics it was given and checks their versions
-            with frozen_statistics(self.best_view.statistics_weights), \
-                    (self.ddp.no_sync() if kept is not None else contextlib.nullcontext()):
+            with frozen_statistics(self.best_view.statistics_weights):
                 loss = F.cross_entropy(self._training_logits(x), y)
                 optimizer.zero_grad(set_to_none=True)
                 loss.backward()
-            every = self._loss_everywhere(loss) if kept is None else \
-                kept.all_reduce(self.best_view.parameter_keeps, loss, self._state_check)
+            every = self._loss_everywhere(loss)
             if saved is not None:  # a non-finite forward's BatchNorm statistics are put back, on the device
                 finite = torch.isfinite(every)
                 with torch.no_grad():

@@ -10,7 +10,6 @@ import traceback
 
 import torch
 import torch.distributed as dist
-from torch.distributed.algorithms.ddp_comm_hooks import default_hooks
 from torch.nn.parallel import DistributedDataParallel
 
 import edropout.app.cli as cli
@@ -188,45 +187,6 @@ def nonfinite_loss_case(rank, world):
     return {"error": error, "unchanged": all(torch.equal(a, p.detach()) for a, p in zip(before, net.parameters()))}
 
 
-def kept_gradients_case(rank, world, backend, parallel, net_name="lenet"):
-    """Five steps with the pruner averaging the kept gradients, and five from the same start with DDP's own
-    all-reduce: the weights must be bit-identical. Also: a DDP communication hook registered on the model is
-    never bypassed (DDP's all-reduce runs it)."""
-    results = {}
-    for path in ("kept", "ddp"):
-        torch.manual_seed(0)
-        net = model(net_name)
-        pruner = EDropout(DistributedDataParallel(net), batch(2)[0], population_size=4, backend=backend, seed=3,
-                          parallel=parallel)
-        calls = []
-        if path == "ddp":
-            pruner._kept_gradients = None
-        else:
-            reduce = pruner._kept_gradients.all_reduce
-            pruner._kept_gradients.all_reduce = lambda *args: calls.append(1) or reduce(*args)
-        optimizer = torch.optim.Adadelta(net.parameters(), lr=1.0, weight_decay=1e-3)
-        for i in range(5):
-            x, y = batch(8, seed=40 + i, classes=4 if net_name == "concat" else 10)
-            pruner.step(*(shard(x, y, rank, world) if parallel == "data" else (x, y)), optimizer)
-        results[path] = ([p.detach().clone() for p in net.parameters()], len(calls))
-    hooked = []
-    net = model(net_name)
-    ddp = DistributedDataParallel(net)
-    pruner = EDropout(ddp, batch(2)[0], population_size=4, backend=backend, seed=3, parallel=parallel)
-
-    def hook(state, bucket):
-        hooked.append(1)
-        return default_hooks.allreduce_hook(state, bucket)
-
-    ddp.register_comm_hook(dist.group.WORLD, hook)
-    x, y = batch(8, seed=40, classes=4 if net_name == "concat" else 10)
-    pruner.step(*(shard(x, y, rank, world) if parallel == "data" else (x, y)), torch.optim.SGD(net.parameters(), 0.1))
-    kept, ddp_weights = results["kept"][0], results["ddp"][0]
-    return {"equal": all(torch.equal(a, b) for a, b in zip(kept, ddp_weights)), "kept_calls": results["kept"][1],
-            "changed": not all(torch.equal(a, b) for a, b in zip(kept, model(net_name).parameters())),
-            "hook_ran": len(hooked) > 0}
-
-
 def settings_case(rank, world):
     """Ranks built with different population sizes must both get a clear error at construction."""
     x, _ = batch(4)
@@ -314,10 +274,6 @@ def run_all(rank, world, directory):
             out["trajectory", backend, parallel] = trajectory_case(backend, parallel, rank, world)
     for parallel in ("data", "population"):
         out["energies", "batchnorm", parallel] = energies_case("reference", parallel, rank, world, "concat")
-    for backend in BACKENDS:
-        for parallel in ("data", "population"):
-            out["kept_gradients", backend, parallel] = kept_gradients_case(rank, world, backend, parallel)
-    out["kept_gradients", "batchnorm"] = kept_gradients_case(rank, world, "compact", "data", "concat")
     out["diverged"] = diverged_case(rank, world)
     out["settings"] = settings_case(rank, world)
     out["bare_model"] = bare_model_case(rank, world)

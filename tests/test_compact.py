@@ -257,34 +257,3 @@ def test_compact_without_channel_padding(name, batch, monkeypatch):
     pruner = EDropout(randomise_bn(small_net(name)), x[:2], backend="compact")
     ref, fast = _pair(pruner, _states(pruner), x, y)
     assert_close(fast, ref, path="net")  # fp32 through up to 20 BatchNorm layers
-
-
-def test_member_work_counts_each_member_layers_padded_kept_channels_and_outputs():
-    # LeNet-style at 12×12: conv 1→16 (12×12 out, shared by every member: not counted), pool, conv 16→32 (6×6
-    # out), pool, flatten 32·3·3, fc 288→128, fc 128→64, fc 64→10; convolution channel counts are stored padded to a
-    # multiple of 8, Linear features not
-    from edropout.app.models import build_model
-    from edropout.backends._model_analysis import weight_axes
-    net = build_model("lenet", 1, 12, 10)
-    x = torch.randn(4, 1, 12, 12)
-    pruner = EDropout(net, x[:2], population_size=4, backend="compact")
-    g = torch.Generator().manual_seed(5)
-    states = torch.rand(5, pruner.num_units, generator=g) < 0.5
-    bits = {name: weight_axes(pruner.units, name)[0] for name in
-            ("features.0", "features.3", "classifier.1", "classifier.3")}
-    states[0] = True
-    states[1, bits["features.0"]] = False  # an empty group still stores one padded block of 8
-    states[1, bits["features.0"][:1]] = True
-
-    def padded(n, width):
-        return min(width, -(-max(n, 1) // 8) * 8)
-
-    expected = []
-    for s in states:
-        c1, c2, f1, f2 = (int(s[bits[name]].sum()) for name in bits)
-        expected.append(6 * 6 * padded(c2, 32) * 25 * padded(c1, 16) + f1 * 9 * c2 + f2 * f1 + 10 * f2)
-    found = compact.member_work(pruner.backend.plan(x), pruner.units, net, states)
-    assert_close(found, torch.tensor(expected, dtype=torch.float64), rtol=1e-12, atol=0)
-    steps = len(pruner.backend.plan(x).member)
-    assert_close(pruner.backend.scoring_costs(states, x), 4 * found + steps * compact.MEASURED_STEP_MACS, rtol=1e-12,
-                 atol=0)

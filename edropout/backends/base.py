@@ -45,12 +45,6 @@ class Backend(abc.ABC):
         """Energies [S] of ``states`` [S, D] (bool, on the model's device) on the batch; the model is left
         untouched."""
 
-    def scoring_costs(self, states: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
-        """Estimated work [N] of scoring each of ``states`` [N, D] on batches like ``x``, in any unit (only the
-        order and ratios matter), on the host: population-parallel ranks deal the members by it so that they
-        finish together. Here every member costs the same (a dense forward each)."""
-        return torch.ones(states.shape[0], dtype=torch.float64)
-
     @abc.abstractmethod
     def children(self, population: torch.Tensor, mutation_factor: float, crossover_rate: float, *,
                  generator: torch.Generator, seed: int, iteration: int) -> torch.Tensor:

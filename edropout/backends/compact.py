@@ -31,8 +31,7 @@ from ..energy import member_energies
 from ..modes import all_modules_in
 from ._compact_exec import run
 from ._compact_plan import CompactUnsupported, build_plan
-from ._compact_values import CHANNEL_MULTIPLE
-from ._model_analysis import has_forward_hooks, weight_axes
+from ._model_analysis import has_forward_hooks
 from .batched import BatchedBackend
 
 # model -> {batch_statistics, or ("train", modes): Plan or CompactUnsupported}; entries die with the model
@@ -62,35 +61,6 @@ def plan_for(model: nn.Module, units, x: torch.Tensor, batch_statistics: bool, t
                 entry["warned"] = True
         entry[key] = found
     return found
-
-
-# t/c: the compact interpreter's cost of one per-member step, in kept multiply-adds (fitted in ``auto``'s docstring)
-MEASURED_STEP_MACS = 3.5e6
-
-
-def member_work(plan, units, model, states: torch.Tensor) -> torch.Tensor:
-    """Multiply-adds per sample [N] that each of ``states`` [N, D] costs in the member steps of ``plan`` (the shared
-    steps cost every member the same): every member Conv/Linear's dense count times its stored shares of input and
-    output channels, convolution channels counted padded to ``CHANNEL_MULTIPLE`` as the interpreter stores them (a
-    16-channel layer keeping 9 computes 16). On LeNet-style at batch 128 (1 thread) a linear fit of single-member
-    times to it leaves 0.20 ms rms against 0.67 ms of spread between members; kept parameters, the estimate it
-    replaces, weigh the fully connected layers, while the convolutions take the time."""
-    ext = units.extended(states.reshape(-1, units.num_units).cpu()).double()
-    modules = dict(model.named_modules())
-    total = torch.zeros(ext.shape[0], dtype=torch.float64)
-    for name in dict.fromkeys(step.target for step in plan.member if step.kind in ("conv", "linear")):
-        mod = modules[name]
-        conv = mod.weight.dim() > 2
-        shares = {}
-        for dim, index in weight_axes(units, name).items():
-            if dim in (0, 1):
-                width = index.shape[0]
-                kept = ext[:, index].sum(dim=1)
-                if conv:
-                    kept = (kept.clamp(min=1) / CHANNEL_MULTIPLE).ceil().mul(CHANNEL_MULTIPLE).clamp(max=width)
-                shares[dim] = kept / width
-        total += plan.layer_macs[name] * shares.get(0, 1.0) * shares.get(1, 1.0)
-    return total
 
 
 def _has_hooks(model, plan) -> bool:
@@ -143,15 +113,6 @@ class CompactBackend(BatchedBackend):
         members = states.shape[0]
         rows = logits.index_select(0, inverse.to(logits.device)).flatten(0, 1)
         return member_energies(self.energy_fn, rows, y.repeat(members), members)
-
-    def scoring_costs(self, states, x):
-        """Where the interpreter scores, in multiply-adds: the batch's rows times ``member_work`` plus the
-        interpreter's fixed cost per member (``MEASURED_STEP_MACS`` per member step); else the batched backend's
-        estimate."""
-        if not self.runs_compact(x):
-            return super().scoring_costs(states, x)
-        plan = self.plan(x)
-        return x.shape[0] * member_work(plan, self.units, self.model, states) + len(plan.member) * MEASURED_STEP_MACS
 
     @property
     def trains_kept_channels(self) -> bool:

@@ -5,16 +5,12 @@ Two modes, both keeping the evolution identical on every rank (same seed, so the
   sample counts are all-reduced, so every rank holds the energies of the global batch;
 - ``"population"``: every rank holds the whole batch and scores its slice of the members; the energies are
   all-gathered. The training step then runs on the rank's slice of the batch rows.
-The model trains under ``DistributedDataParallel``: its forward runs inside DDP's, and the gradients are averaged
-by DDP's all-reduce or, where that is DDP's default average, by one all-reduce of the entries the masked update
-reads (``gradients``); then the masked update. Each
+The model trains under ``DistributedDataParallel`` (DDP's gradient all-reduce, then the masked update). Each
 energy collective also carries a hash of the best state, so ranks that drift apart stop with a clear error.
 """
 from .ddp import forward_inside, unwrap, wrapper_like
-from .gradients import KeptGradients, reduces_like_ddp
 from .group import MODES, Parallelism, resolve_parallelism
 from .scoring import DataParallelScorer, PopulationParallelScorer, RanksDiverged, StateCheck
 
 __all__ = ["MODES", "Parallelism", "resolve_parallelism", "DataParallelScorer", "PopulationParallelScorer",
-           "StateCheck", "RanksDiverged", "unwrap", "forward_inside", "wrapper_like", "KeptGradients",
-           "reduces_like_ddp"]
+           "StateCheck", "RanksDiverged", "unwrap", "forward_inside", "wrapper_like"]

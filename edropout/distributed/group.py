@@ -24,7 +24,7 @@ class Parallelism:
 
     def scorer(self, local_score, check, cost=None):
         """The scorer of this mode around ``local_score(states, x, y) -> Tensor[N]`` (one rank's backend);
-        population mode deals the states by ``cost(states, x) -> Tensor[N]``, their estimated work on batch ``x``."""
+        population mode deals the states by ``cost(states) -> Tensor[N]``, their estimated work."""
         if self.mode == "data":
             return DataParallelScorer(local_score, self.group, check)
         return PopulationParallelScorer(local_score, self.group, check, cost)

@@ -3,7 +3,6 @@ rank, with one collective per call that also compares a hash of the best state a
 from __future__ import annotations
 
 import math
-import time
 
 import torch
 import torch.distributed as dist
@@ -81,17 +80,19 @@ class DataParallelScorer:
         return (buffer[:n] / buffer[n]).float(), buffer[n + 3:]
 
 
-def deal(costs: list, speeds: list, cap: int) -> list:
-    """Positions 0..N-1 of ``costs`` (estimated work, costliest first) dealt over the ranks: each to the rank that
-    would finish it soonest, (load + cost) / speed, among ranks with fewer than ``cap`` positions, ties to the
-    lowest rank. [W] lists of positions; with equal speeds and costs, positions go round the ranks (±1 member)."""
-    world = len(speeds)
-    loads, dealt = [0.0] * world, [[] for _ in range(world)]
-    for position, cost in enumerate(costs):
-        rank = min((r for r in range(world) if len(dealt[r]) < cap), key=lambda r: ((loads[r] + cost) / speeds[r], r))
-        dealt[rank].append(position)
-        loads[rank] += cost
-    return dealt
+def snake_layout(count: int, world: int) -> torch.Tensor:
+    """Positions 0..count-1 dealt over ``world`` ranks in snake order (0, 1, .., W-1, W-1, .., 0, 0, ..):
+    [W, ceil(count / W)] position indices, -1 where a rank has one member fewer. Dealt from a list sorted by
+    cost, every rank gets as many members (±1) and about as much work."""
+    per = math.ceil(count / world)
+    table = torch.full((world, per), -1, dtype=torch.long)
+    filled = [0] * world
+    for position in range(count):
+        turn, offset = divmod(position, world)
+        rank = offset if turn % 2 == 0 else world - 1 - offset
+        table[rank, filled[rank]] = position
+        filled[rank] += 1
+    return table
 
 
 def labels_fingerprint(y: torch.Tensor) -> torch.Tensor:
@@ -101,81 +102,46 @@ def labels_fingerprint(y: torch.Tensor) -> torch.Tensor:
 
 
 class PopulationParallelScorer:
-    """Population-parallel: every rank scores its share of the states on the whole batch, and the energies are
-    all-gathered (one all-gather per call of 2·ceil(N/W) + 6 float64 per rank: the energies, the best-state hash, a
-    fingerprint of the batch's labels, since every rank must hold the same batch, the batch verdict, and the rank's
-    dealt work and scoring seconds).
-
-    The states are dealt by estimated work (``cost``) and by each rank's measured speed, so that the ranks finish
-    together: on CPU the ranks' cores need not be equally fast (on a shared 2-core machine one rank's scoring took
-    5 ms longer than the other's, for the same work, over whole runs). Speeds are work per second of the last
-    calls, from the gathered numbers, so every rank deals alike; with a device that runs asynchronously (CUDA) the
-    host clock does not see the work, and speeds stay equal. Which rank scores a member does not change its energy
-    where members are scored one by one (the compact backend); the batched backend's S·B-row forwards may round
-    differently when the grouping changes."""
-
-    SMOOTHING = 0.5  # weight of the newest measurement in each rank's speed
+    """Population-parallel: every rank scores its share of the states on the whole batch (at most ceil(N/W)
+    states, dealt by estimated cost so that the ranks finish together), and the energies are all-gathered (one
+    all-gather of ceil(N/W) + 4 float64 per rank: the energies, the best-state hash, a fingerprint of the
+    batch's labels, since every rank must hold the same batch, and the batch verdict)."""
 
     def __init__(self, local_score, group, check: StateCheck, cost=None):
         self.local_score, self.group, self.check = local_score, group, check
-        self.cost = cost  # cost(states [N, D], x) -> Tensor[N]: estimated work of scoring each state (None: equal)
-        self.speeds = None  # [W] relative work per second, the same on every rank
+        self.cost = cost  # cost(states [N, D]) -> Tensor[N]: estimated work of scoring each state (None: equal)
+        self._layouts = {}
 
     def score(self, states: torch.Tensor, x: torch.Tensor, y: torch.Tensor, verdict=None):
         """(energies [N] of ``states`` on the batch, every member scored by exactly one rank, the ranks' summed
         batch verdicts [2]): ``verdict`` is this rank's ``checks.batch_verdict`` (None: nothing to report)."""
         world, rank = dist.get_world_size(self.group), dist.get_rank(self.group)
-        if self.speeds is None:
-            self.speeds = [1.0] * world
         n = states.shape[0]
-        costs = (torch.ones(n, dtype=torch.float64) if self.cost is None else
-                 self.cost(states, x).detach().to("cpu", torch.float64))
-        costly_first = torch.argsort(costs, descending=True, stable=True)
-        ordered = costs[costly_first].tolist()
-        per = min(n, 2 * math.ceil(n / world))
-        dealt = deal(ordered, self.speeds, per)
-        mine = costly_first[dealt[rank]].to(states.device)
-        chunk = torch.full((per + 6,), float("inf"), dtype=torch.float64, device=states.device)
-        start = time.perf_counter()
+        if n not in self._layouts:
+            self._layouts[n] = snake_layout(n, world)
+        layout = self._layouts[n]
+        per = layout.shape[1]
+        costly_first = (torch.arange(n, device=states.device) if self.cost is None else
+                        torch.argsort(self.cost(states), descending=True, stable=True))
+        mine = layout[rank][layout[rank] >= 0]
+        chunk = torch.full((per + 4,), float("inf"), dtype=torch.float64, device=states.device)
         if len(mine):
-            chunk[:len(mine)] = self.local_score(states[mine], x, y).double()
-        seconds = time.perf_counter() - start
+            chunk[:len(mine)] = self.local_score(states[costly_first[mine.to(states.device)]], x, y).double()
         chunk[per] = self.check.value.to(chunk.device)[0]
         chunk[per + 1] = labels_fingerprint(y)
-        chunk[per + 2:per + 4] = _verdict(verdict, chunk.device)
-        chunk[per + 4] = sum(ordered[p] for p in dealt[rank])
-        chunk[per + 5] = seconds
+        chunk[per + 2:] = _verdict(verdict, chunk.device)
         everyone = [torch.empty_like(chunk) for _ in range(world)]
         dist.all_gather(everyone, chunk, group=self.group)
         table = torch.stack(everyone)
         self.check.verify(table[:, per])
-        everywhere = table[:, per + 2:per + 4].sum(dim=0)
+        everywhere = table[:, per + 2:].sum(dim=0)
         # a bad batch on some rank (a label out of range changes the fingerprint) is reported by the pruner instead
         if not bool((table[:, per + 1] == table[0, per + 1]).all() | (everywhere > 0).any()):
             raise ValueError("parallel='population' scores every member on the whole batch, but the ranks hold "
                              "different batches; give every rank the same batches (no DistributedSampler; the "
                              "same shuffling seed)")
-        if states.device.type == "cpu":
-            self._measured(table[:, per + 4].tolist(), table[:, per + 5].tolist())
-        layout = torch.full((world, per), -1, dtype=torch.long)
-        for r, positions in enumerate(dealt):
-            layout[r, :len(positions)] = costly_first[positions]
-        flat = layout.flatten()
-        filled = flat >= 0
+        dealt = layout.flatten()
+        filled = (dealt >= 0).to(states.device)
         energies = torch.empty(n, dtype=torch.float64, device=states.device)
-        energies[flat[filled].to(states.device)] = table[:, :per].flatten()[filled.to(states.device)]
+        energies[costly_first[dealt.to(states.device)[filled]]] = table[:, :per].flatten()[filled]
         return energies.float(), everywhere
-
-    def _measured(self, work: list, seconds: list) -> None:
-        """Fold each rank's dealt work per second, relative to the ranks' mean, into its speed (a rank without
-        work or time keeps its speed); speeds are kept at mean 1. The same numbers on every rank give the same
-        speeds."""
-        rates = [w / t if w > 0 and t > 0 else None for w, t in zip(work, seconds)]
-        known = [r for r in rates if r is not None]
-        if not known:
-            return
-        mean_rate = sum(known) / len(known)
-        speeds = [s if r is None else (1 - self.SMOOTHING) * s + self.SMOOTHING * r / mean_rate
-                  for s, r in zip(self.speeds, rates)]
-        mean = sum(speeds) / len(speeds)
-        self.speeds = [s / mean for s in speeds]
