@@ -10,7 +10,7 @@ from dataclasses import dataclass
 
 import torch
 
-from .host import upload
+from . import host
 
 
 def check_probability(name: str, value: float) -> float:
@@ -107,9 +107,8 @@ def crossover(population: torch.Tensor, mutant: torch.Tensor, r: torch.Tensor, r
 
 def make_children(population: torch.Tensor, draws: Draws, factor: float, rate: float) -> torch.Tensor:
     """One generation of children for every member at once."""
-    device = population.device
-    mutant = mutate(population, upload(draws.parents, device), upload(draws.mutation, device), factor)
-    return crossover(population, mutant, upload(draws.crossover, device), rate)
+    parents, u, r = host.upload([draws.parents, draws.mutation, draws.crossover], population.device)
+    return crossover(population, mutate(population, parents, u, factor), r, rate)
 
 
 def keep_one_per_group(states: torch.Tensor, group_of_unit: torch.Tensor, generator: torch.Generator,
@@ -122,7 +121,7 @@ def keep_one_per_group(states: torch.Tensor, group_of_unit: torch.Tensor, genera
         groups = int(group_of_unit.max()) + 1
     group_of_unit = group_of_unit.to(states.device)
     index = group_of_unit.expand(members, num_units)
-    keys = upload(torch.rand(members, num_units, generator=generator), states.device)
+    keys, = host.upload([torch.rand(members, num_units, generator=generator)], states.device)
     # a kept unit scores 2 + key and a pruned one its key in [0, 1): a group's best score is below 2 exactly when
     # the group is empty, and then it is the group's largest key, which picks the unit to keep
     scores = torch.add(keys, states, alpha=2)

@@ -33,22 +33,29 @@ def _point_index(units: PrunableUnits, device) -> torch.Tensor:
     key = (id(units), str(device))
     hit = _POINT_INDEX.get(key)
     if hit is None or hit[0] is not units:
-        index = torch.cat([p.index.to(torch.long) for p in units.mask_points]) if units.mask_points else \
-            torch.zeros(0, dtype=torch.long)
-        hit = _POINT_INDEX[key] = (units, index.to(device))
+        hit = _POINT_INDEX[key] = (units, units.point_bits.to(device))
         while len(_POINT_INDEX) > 8:
             _POINT_INDEX.popitem(last=False)
     return hit[1]
 
 
-def channel_masks(units: PrunableUnits, states: torch.Tensor) -> dict:
-    """Keep-masks [S, C] (bool) for every mask point, from states [S, D], in one gather."""
-    table = units.extended(states)[:, _point_index(units, states.device)]
+def _point_table(units: PrunableUnits, states: torch.Tensor) -> torch.Tensor:
+    """Every mask point's keep-mask side by side, [S, sum C] (bool), from states [S, D], in one gather."""
+    return units.extended(states)[:, _point_index(units, states.device)]
+
+
+def _by_point(units: PrunableUnits, table: torch.Tensor) -> dict:
+    """{mask point's module name: its columns of ``table``} (views)."""
     masks, first = {}, 0
     for p in units.mask_points:
         masks[p.module_name] = table[:, first:first + p.index.numel()]
         first += p.index.numel()
     return masks
+
+
+def channel_masks(units: PrunableUnits, states: torch.Tensor) -> dict:
+    """Keep-masks [S, C] (bool) for every mask point, from states [S, D], in one gather."""
+    return _by_point(units, _point_table(units, states))
 
 
 def _mask_hook(mask: torch.Tensor, channel_dim: int, converted=None):
@@ -71,20 +78,20 @@ def _mask_hook(mask: torch.Tensor, channel_dim: int, converted=None):
 class _StateMasks:
     """The keep-masks of one states tensor at every mask point, and their conversions to the activations' dtype,
     each made once: ``masked`` reuses them for as long as the same, unmodified states tensor is applied (the
-    pruner's best state, every training step)."""
+    pruner's best state, every training step). A conversion converts every point's mask in one operation."""
 
     def __init__(self, units: PrunableUnits, states: torch.Tensor):
         self.units, self.version = units, states._version
-        self.masks = channel_masks(units, states.reshape(-1, units.num_units))
+        self.table = _point_table(units, states.reshape(-1, units.num_units))
+        self.masks = _by_point(units, self.table)
         self._converted = {}
 
     def converted(self, name: str):
         """``dtype -> mask of point name`` in that dtype, cached."""
         def to(dtype):
-            key = (name, dtype)
-            if key not in self._converted:
-                self._converted[key] = self.masks[name].to(dtype)
-            return self._converted[key]
+            if dtype not in self._converted:
+                self._converted[dtype] = _by_point(self.units, self.table.to(dtype))
+            return self._converted[dtype][name]
         return to
 
 

@@ -376,7 +376,7 @@ class EDropout:
         changed = best_host.tolist() != self._best_host.tolist()
         self.population, self.stored_energies = population, energies
         if changed:
-            self._set_best(best.clone(), best_host)
+            self._set_best(best, best_host)
             if self.parallelism is not None:
                 self._state_check.update(self.best_state, self.iteration + 1)
         if self.convergence.update(self.iteration + 1, changed):

@@ -4,7 +4,8 @@ The pruner keeps a ``StateView`` of its best state and builds a new one only whe
 optimizer step reads its per-parameter keep-masks, the fused optimizer kernel its row/column keeps, the training
 forward its BatchNorm statistics keeps, training on the exported network its kept positions, and ``StepInfo``
 its pruning rate. Each is computed on first use, on a host copy of the state, so a step pays only for what its
-backend reads and never waits on the device for it.
+backend reads and never waits on the device for it; each part reaches the device in one transfer (``host.upload``),
+so a new best state costs the device a few copies, not one per parameter.
 """
 from __future__ import annotations
 
@@ -13,7 +14,7 @@ from functools import cached_property
 import torch
 import torch.nn as nn
 
-from .host import upload
+from . import host
 from .units import _NORM, PrunableUnits
 
 
@@ -41,67 +42,118 @@ class StateView:
     @cached_property
     def point_keeps(self) -> dict:
         """{mask point's module name: keep-mask [C]} for every mask point, on the state's device."""
-        return {name: upload(keep, self.state.device) for name, keep in self._host_point_keeps.items()}
+        return _on_devices({name: (keep, self.state.device) for name, keep in self._host_point_keeps.items()})
+
+    @cached_property
+    def _host_point_table(self) -> torch.Tensor:
+        """Every mask point's keep-mask side by side (``units.point_bits`` order) on the host: one gather."""
+        return self.extended[self.units.point_bits]
 
     @cached_property
     def _host_point_keeps(self) -> dict:
-        ext = self.extended
-        return {p.module_name: ext[p.index] for p in self.units.mask_points}
+        """{mask point's module name: keep-mask [C]} on the host, views of ``_host_point_table``."""
+        table = self._host_point_table
+        keeps, first = {}, 0
+        for p in self.units.mask_points:
+            keeps[p.module_name] = table[first:first + p.index.numel()]
+            first += p.index.numel()
+        return keeps
+
+    @cached_property
+    def _host_axis_keeps(self) -> dict:
+        """{(parameter name, dim): keep-mask along that axis} on the host, views of one gather."""
+        axes, bits = self.units.axis_bits
+        table = self.extended[bits]
+        keeps, first = {}, 0
+        for pa, dim in axes:
+            size = pa.axes[dim].numel()
+            keeps[(pa.name, dim)] = table[first:first + size]
+            first += size
+        return keeps
 
     @cached_property
     def parameter_keeps(self) -> dict:
         """Boolean keep-mask (broadcastable to the parameter) for every parameter of which the state prunes
         something, so that the masked step does no work for untouched parameters."""
         params = dict(self.model.named_parameters())
-        ext = self.extended
+        axis_keeps = self._host_axis_keeps
         keeps = {}
         for pa in self.units.param_axes:
             param = params[pa.name]
             keep = torch.ones((1,) * param.dim(), dtype=torch.bool)
-            for dim, index in pa.axes.items():
+            for dim in pa.axes:
                 shape = [1] * param.dim()
                 shape[dim] = -1
-                keep = keep & ext[index].view(shape)
+                keep = keep & axis_keeps[(pa.name, dim)].view(shape)
             if not keep.all().tolist():
-                keeps[param] = upload(keep, param.device)
-        return keeps
+                keeps[param] = (keep, param.device)
+        return _on_devices(keeps)
 
     @cached_property
     def row_col_keeps(self) -> dict:
         """The same keeps as (row_keep [dim 0] or None, col_keep [dim 1] or None) per parameter a bit can remove:
         the fused optimizer kernel's form."""
         params = dict(self.model.named_parameters())
-        ext = self.extended
-        return {params[pa.name]: tuple(upload(ext[pa.axes[d]], params[pa.name].device) if d in pa.axes else None
-                                       for d in (0, 1))
-                for pa in self.units.param_axes}
+        axis_keeps = self._host_axis_keeps
+        device = _on_devices({key: (keep, params[key[0]].device) for key, keep in axis_keeps.items()})
+        return {params[pa.name]: tuple(device.get((pa.name, d)) for d in (0, 1)) for pa in self.units.param_axes}
+
+    @cached_property
+    def _tracked_norm_keeps(self) -> dict:
+        """{masked BatchNorm that tracks running statistics and has a pruned channel: its host keep-mask [C]}."""
+        modules = dict(self.model.named_modules())
+        keeps = self._host_point_keeps
+        bits = self._host_point_table.tolist()  # one conversion for every point's test
+        found, first = {}, 0
+        for name, keep in keeps.items():
+            module, size = modules[name], keep.numel()
+            if isinstance(module, _NORM) and module.running_mean is not None and not all(bits[first:first + size]):
+                found[module] = keep
+            first += size
+        return found
 
     @cached_property
     def statistics_keeps(self) -> dict:
         """{BatchNorm module: keep-mask [C]} for every masked BatchNorm that tracks running statistics and has a
         pruned channel."""
-        modules = dict(self.model.named_modules())
-        return {modules[name]: upload(keep, self.state.device) for name, keep in self._host_point_keeps.items()
-                if isinstance(modules[name], _NORM) and modules[name].running_mean is not None
-                and not keep.all().tolist()}
+        return _on_devices({m: (keep, self.state.device) for m, keep in self._tracked_norm_keeps.items()})
 
     @cached_property
     def statistics_weights(self) -> dict:
         """``statistics_keeps`` as float 1/0 weights in each BatchNorm's statistics dtype (``frozen_statistics``)."""
-        modules = dict(self.model.named_modules())
-        return {modules[name]: upload(keep.to(modules[name].running_mean.dtype), self.state.device)
-                for name, keep in self._host_point_keeps.items()
-                if isinstance(modules[name], _NORM) and modules[name].running_mean is not None
-                and not keep.all().tolist()}
+        keeps = self._tracked_norm_keeps
+        by_dtype = {}
+        for module in keeps:
+            by_dtype.setdefault(module.running_mean.dtype, []).append(module)
+        weights = {}
+        for dtype, modules in by_dtype.items():  # one conversion per dtype
+            converted = torch.cat([keeps[m] for m in modules]).to(dtype)
+            first = 0
+            for m in modules:
+                weights[m] = (converted[first:first + keeps[m].numel()], self.state.device)
+                first += keeps[m].numel()
+        return _on_devices(weights)
 
     @cached_property
     def kept_positions(self) -> dict:
         """For each parameter a bit can remove: {dim: kept positions (CPU)} along its mapped axes."""
-        ext = self.extended
-        return {pa.name: {dim: ext[index].nonzero().flatten() for dim, index in pa.axes.items()}
+        axis_keeps = self._host_axis_keeps
+        return {pa.name: {dim: axis_keeps[(pa.name, dim)].nonzero().flatten() for dim in pa.axes}
                 for pa in self.units.param_axes}
 
     @cached_property
     def pruning_rate(self) -> float:
         """Share of trainable parameters that the state removes when exported."""
         return self.units.pruning_rate(self.host_state.unsqueeze(0))[0].tolist()
+
+
+def _on_devices(parts: dict) -> dict:
+    """{key: copy of a host tensor on its device} from {key: (host tensor, device)}: one transfer per device
+    (``host.upload``)."""
+    by_device = {}
+    for key, (tensor, device) in parts.items():
+        by_device.setdefault(torch.device(device), []).append((key, tensor))
+    out = {}
+    for device, items in by_device.items():
+        out.update(zip([k for k, _ in items], host.upload([t for _, t in items], device)))
+    return {key: out[key] for key in parts}

@@ -12,6 +12,7 @@ from __future__ import annotations
 import gc
 import warnings
 from dataclasses import dataclass, field
+from functools import cached_property
 
 import torch
 import torch.nn as nn
@@ -78,6 +79,22 @@ class PrunableUnits:
     def extended(self, states: torch.Tensor) -> torch.Tensor:
         """States [S, D] with a trailing always-kept column, so index D means 'never pruned'."""
         return F.pad(states.bool(), (0, 1), value=True)
+
+    @cached_property
+    def point_bits(self) -> torch.Tensor:
+        """Every mask point's bit indices, concatenated in ``mask_points`` order (on the host): one gather from an
+        extended state gives every point's keep-mask."""
+        if not self.mask_points:
+            return torch.zeros(0, dtype=torch.long)
+        return torch.cat([p.index.to(torch.long) for p in self.mask_points])
+
+    @cached_property
+    def axis_bits(self) -> tuple:
+        """((``ParamAxes``, dim) for every mapped axis, in ``param_axes`` order; their bit indices concatenated, on
+        the host): one gather gives every parameter axis's keep-mask."""
+        axes = [(pa, dim) for pa in self.param_axes for dim in sorted(pa.axes)]
+        bits = torch.cat([pa.axes[dim] for pa, dim in axes]) if axes else torch.zeros(0, dtype=torch.long)
+        return axes, bits
 
     def kept_parameters(self, states: torch.Tensor) -> torch.Tensor:
         """Exact number of trainable parameters left when each state [S, D] is removed physically."""
