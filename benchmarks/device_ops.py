@@ -1,20 +1,20 @@
 """Device operations per scoring call and per training iteration, counted on CPU: what a GPU would launch.
 
-A ``TorchDispatchMode`` counts every ATen operation that reaches the dispatcher (views and allocations launch
-nothing on a GPU and are counted apart; so are host synchronisations, ``aten._local_scalar_dense``), and a patch
-of Triton's interpreter counts kernel launches (the interpreter's own tensor copies inside a launch are not
-counted). Counts do not depend on widths or batch size, so a narrow ResNet-18-style net on 8x8 inputs stands in
+``op_counter`` counts every ATen operation that reaches the dispatcher, as a device op or, when all its inputs are
+host copies (the best state read back for the convergence check and what is derived from it, ...), as a host op;
+views and allocations launch nothing on a GPU and are counted apart, and so are host synchronisations. Triton
+launches (interpreter; its own tensor copies inside a launch are not counted) and the engine's transfers count as
+device ops. Counts do not depend on widths or batch size, so a narrow ResNet-18-style net on 8x8 inputs stands in
 for the benchmark net; they are per call of ``EDropout.energies`` and per ``EDropout.step`` (after warm-up steps,
-mean and max over the counted steps), for each backend at S = 8 and 32, beside one plain training iteration
-(forward, backward, ``optimizer.step()``). The optimizers use ``foreach=True``, as torch picks on CUDA.
+the worst steady step and the worst step whose best state changed), for each backend at S = 8 and 32, beside one
+plain training iteration (forward, backward, ``optimizer.step()``). The optimizers use ``foreach=True``, as torch
+picks on CUDA.
 
     TRITON_INTERPRET=1 python benchmarks/device_ops.py     # writes benchmarks/results/device_ops.{json,md}
 """
 from __future__ import annotations
 
 import argparse
-import collections
-import contextlib
 import datetime
 import json
 import os
@@ -25,73 +25,14 @@ os.environ.setdefault("TRITON_INTERPRET", "1")  # must precede the first import 
 
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
-from torch.utils._python_dispatch import TorchDispatchMode  # noqa: E402
 
 from edropout import EDropout  # noqa: E402
 from edropout.app.models import build_model  # noqa: E402
 
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from op_counter import HostCopies, counting  # noqa: E402
+
 RESULTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
-_NO_LAUNCH = {"empty", "empty_like", "empty_strided", "new_empty", "new_empty_strided", "detach", "alias", "view",
-              "_unsafe_view", "expand", "slice", "select", "unsqueeze", "squeeze", "permute", "t", "transpose",
-              "as_strided", "split", "split_with_sizes", "unbind", "chunk", "view_as", "_reshape_alias", "unfold",
-              "lift_fresh", "_to_copy_noop", "set_", "resize_"}
-_SYNC = {"_local_scalar_dense", "is_nonzero", "item"}
-
-
-class OpCounter(TorchDispatchMode):
-    """Counts ATen operations by kind: launching ops (by name), no-launch ops (views, allocations), syncs."""
-
-    def __init__(self):
-        super().__init__()
-        self.paused = 0
-        self.reset()
-
-    def reset(self):
-        self.launching = collections.Counter()
-        self.no_launch = 0
-        self.syncs = collections.Counter()
-        self.triton = collections.Counter()
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        if not self.paused:
-            name = func.overloadpacket.__name__
-            if name in _SYNC:
-                self.syncs[name] += 1
-            elif name in _NO_LAUNCH or func.is_view:
-                self.no_launch += 1
-            else:
-                self.launching[name] += 1
-        return func(*args, **(kwargs or {}))
-
-    def totals(self) -> dict:
-        aten = sum(self.launching.values())
-        triton = sum(self.triton.values())
-        return {"device_ops": aten + triton, "aten": aten, "triton": triton, "syncs": sum(self.syncs.values()),
-                "views_and_allocations": self.no_launch}
-
-
-@contextlib.contextmanager
-def counting():
-    """An OpCounter that also counts Triton launches (interpreter), with ATen counting paused inside them."""
-    from triton.runtime.interpreter import InterpretedFunction
-
-    counter = OpCounter()
-    original = InterpretedFunction.run
-
-    def run(self, *args, **kwargs):
-        counter.triton[getattr(self.fn, "__name__", "kernel")] += 1
-        counter.paused += 1
-        try:
-            return original(self, *args, **kwargs)
-        finally:
-            counter.paused -= 1
-
-    InterpretedFunction.run = run
-    try:
-        with counter:
-            yield counter
-    finally:
-        InterpretedFunction.run = original
 
 
 def _optimizer(model):
@@ -104,10 +45,13 @@ def _data(batch, size, seed=0):
 
 
 def count_plain(net, width, batch, size, steps):
+    """Counts of ``steps`` plain training iterations (forward, backward, ``optimizer.step()``) after two warm-up
+    ones (counted too, so that the host copies they make, the optimizer's step counters, are known)."""
     torch.manual_seed(0)
     model = build_model(net, 1, size, 10, width)
     opt = _optimizer(model)
     x, y = _data(batch, size)
+    host = HostCopies()
 
     def step():
         loss = F.cross_entropy(model(x), y)
@@ -115,43 +59,57 @@ def count_plain(net, width, batch, size, steps):
         loss.backward()
         opt.step()
 
-    step()
-    step()
     counts = []
-    for _ in range(steps):
-        with counting() as c:
+    for i in range(2 + steps):
+        with counting(host) as c:
             step()
-        counts.append(c.totals())
+        if i >= 2:
+            counts.append(c.totals())
     return counts
 
 
 def count_edropout(net, width, batch, size, backend, members, steps, warmup):
+    """Counts of one scoring call and of ``steps`` iterations after ``warmup`` ones, with whether each counted
+    iteration changed the best state, and the operations of the last steady and the last changed iteration."""
     torch.manual_seed(0)
     model = build_model(net, 1, size, 10, width)
     opt = _optimizer(model)
     x, y = _data(batch, size)
     pruner = EDropout(model, x[:2], population_size=members, backend=backend, min_iterations=10 ** 9)
+    host = HostCopies()
+    host.mark_units(pruner.units)
     for _ in range(warmup):
-        pruner.step(x, y, opt)
-    pruner.energies(x, y)
-    with counting() as c:
-        pruner.energies(x, y)
-    scoring = c.totals()
-    scoring_ops = dict(c.launching.most_common())
-    scoring_triton = dict(c.triton)
-    per_step = []
-    for _ in range(steps):
-        with counting() as c:
+        with counting(host):
             pruner.step(x, y, opt)
-        per_step.append(c.totals())
-    return {"scoring": scoring, "scoring_aten_ops": scoring_ops, "scoring_triton": scoring_triton,
-            "iteration": per_step, "last_iteration_aten_ops": dict(c.launching.most_common()),
-            "last_iteration_triton": dict(c.triton)}
+    pruner.energies(x, y)
+    with counting(host) as c:
+        pruner.energies(x, y)
+    result = {"scoring": c.totals(), "scoring_ops": _ops(c), "iteration": [], "changed": []}
+    for _ in range(steps):
+        before = pruner.best_state
+        with counting(host) as c:
+            pruner.step(x, y, opt)
+        changed = pruner.best_state is not before
+        result["iteration"].append(c.totals())
+        result["changed"].append(changed)
+        result["changed_iteration_ops" if changed else "steady_iteration_ops"] = _ops(c)
+    return result
+
+
+def _ops(c) -> dict:
+    """What a counter saw, by kind and name."""
+    return {"device_aten": dict(c.device_ops.most_common()), "triton": dict(c.triton.most_common()),
+            "transfers": dict(c.transfers), "host_aten": dict(c.host_ops.most_common()), "syncs": dict(c.syncs)}
 
 
 def _summary(counts):
     return {key: {"mean": sum(c[key] for c in counts) / len(counts), "max": max(c[key] for c in counts)}
             for key in counts[0]}
+
+
+def _split(ops: dict) -> str:
+    """'device ops (ATen + Triton + transfers)' of one count."""
+    return f"{ops['device_ops']:.0f} ({ops['aten']:.0f} + {ops['triton']:.0f} + {ops['transfers']:.0f})"
 
 
 def markdown(report) -> str:
@@ -160,24 +118,41 @@ def markdown(report) -> str:
     plain = report["plain"]["device_ops"]["mean"]
     lines = ["# Device operations per scoring call and per iteration", "",
              f"Counted on CPU ({info['machine']}; torch {info['torch']}, triton {info['triton']} interpreter; "
-             f"{info['date_utc']}; command `{info['command']}`): ATen operations that launch work (views and "
-             "allocations excluded) plus Triton launches, for a "
-             f"{cfg['net']} (width {cfg['width']}, {cfg['size']}x{cfg['size']}, batch {cfg['batch']}; counts do "
-             f"not depend on these), Adadelta with foreach=True. Iteration: mean (min-max) over {cfg['steps']} "
-             f"steps after {cfg['warmup']} warm-up steps; the max is a step whose best state changed, where the "
-             "masks derived from it are counted too (on CPU those host-side operations cannot be told from device "
-             "ones). Syncs: host synchronisations seen by the dispatcher (`.item()`, `bool()`, ...).", "",
+             f"{info['date_utc']}; command `{info['command']}`) for a {cfg['net']} (width {cfg['width']}, "
+             f"{cfg['size']}x{cfg['size']}, batch {cfg['batch']}; counts do not depend on these), Adadelta with "
+             f"foreach=True, {cfg['steps']} iterations counted after {cfg['warmup']} warm-up ones.", "",
+             "**Device ops** are what a GPU would run (`benchmarks/op_counter.py`): ATen operations that launch "
+             "work (views and allocations excluded) with at least one input on the device, Triton launches, and "
+             "transfers (`host.read`: one copy to the host; `host.upload`: one packed copy to the device; a new "
+             "pointer table of the fused optimizer; a `.to(device)` of a host copy). **Host ops** are ATen "
+             "operations whose inputs are all host copies: the best state that the convergence read brings to "
+             "the host and what `StateView` derives from it, the random keys drawn from the CPU generator, "
+             "torch's CPU step counters; an operation that mixes a host copy with a device tensor counts as a "
+             "device op. A *changed* iteration is one whose best state changed: it derives and uploads the new "
+             "state's masks. Syncs: host synchronisations (`host.read`, and `.item()`, `bool()`, ... on a device "
+             "value).", "",
              f"Plain training iteration: **{plain:.0f}** device ops "
-             f"({report['plain']['syncs']['mean']:.0f} syncs).", "",
-             "| backend | S | scoring call: ATen + Triton = ops | iteration: ATen + Triton = ops (min-max) | "
-             "× plain (mean, min) | syncs per iteration |", "|---|---|---|---|---|---|"]
+             f"({_split({k: v['mean'] for k, v in report['plain'].items()})}), "
+             f"{report['plain']['host_ops']['mean']:.0f} host ops, {report['plain']['syncs']['mean']:.0f} syncs.",
+             "",
+             "| backend | S | scoring call: device ops (ATen + Triton + transfers) | steady iteration: device ops | "
+             "× plain | changed iteration: device ops | × plain | host ops per iteration (steady, changed) | "
+             "syncs per iteration |", "|---|---|---|---|---|---|---|---|---|"]
     for row in report["rows"]:
-        s, it = row["scoring"], row["iteration_summary"]
-        low = min(c["device_ops"] for c in row["iteration"])
-        lines.append(f"| {row['backend']} | {row['members']} | {s['aten']} + {s['triton']} = {s['device_ops']} | "
-                     f"{it['aten']['mean']:.0f} + {it['triton']['mean']:.0f} = {it['device_ops']['mean']:.0f} "
-                     f"({low:.0f}-{it['device_ops']['max']:.0f}) | {it['device_ops']['mean'] / plain:.2f}, "
-                     f"{low / plain:.2f} | {it['syncs']['mean']:.1f} |")
+        steady = [c for c, changed in zip(row["iteration"], row["changed"]) if not changed]
+        moved = [c for c, changed in zip(row["iteration"], row["changed"]) if changed]
+        cells = []
+        for counts in (steady, moved):
+            if counts:
+                worst = max(counts, key=lambda c: c["device_ops"])
+                cells += [_split(worst), f"{worst['device_ops'] / plain:.2f}"]
+            else:
+                cells += ["(none counted)", "-"]
+        host_ops = ", ".join(f"{max(c['host_ops'] for c in counts):.0f}" if counts else "-"
+                             for counts in (steady, moved))
+        syncs = max(c["syncs"] for c in row["iteration"])
+        lines.append(f"| {row['backend']} | {row['members']} | {_split(row['scoring'])} | {cells[0]} | {cells[1]} "
+                     f"| {cells[2]} | {cells[3]} | {host_ops} | {syncs:.0f} |")
     return "\n".join(lines) + "\n"
 
 
@@ -218,9 +193,9 @@ def main(argv=None):
         for members in args.members:
             result = count_edropout(args.net, args.width, args.batch, args.size, backend, members, args.steps,
                                     args.warmup)
-            result.update(backend=backend, members=members, iteration_summary=_summary(result["iteration"]))
+            result.update(backend=backend, members=members)
             rows.append(result)
-            print(backend, members, result["scoring"], result["iteration_summary"]["device_ops"], flush=True)
+            print(backend, members, result["scoring"], result["iteration"], result["changed"], flush=True)
             report = {"config": config, "info": info, "plain": plain, "rows": rows}
             with open(stem + ".json", "w") as f:  # rewritten after every row: a long run leaves what it counted
                 json.dump(report, f, indent=1)

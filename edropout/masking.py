@@ -80,9 +80,10 @@ class _StateMasks:
     each made once: ``masked`` reuses them for as long as the same, unmodified states tensor is applied (the
     pruner's best state, every training step). A conversion converts every point's mask in one operation."""
 
-    def __init__(self, units: PrunableUnits, states: torch.Tensor):
+    def __init__(self, units: PrunableUnits, states: torch.Tensor, table: torch.Tensor | None = None):
         self.units, self.version = units, states._version
-        self.table = _point_table(units, states.reshape(-1, units.num_units))
+        states = states.reshape(-1, units.num_units)
+        self.table = _point_table(units, states) if table is None else table.reshape(states.shape[0], -1)
         self.masks = _by_point(units, self.table)
         self._converted = {}
 
@@ -104,6 +105,13 @@ def _state_masks(units: PrunableUnits, states: torch.Tensor) -> _StateMasks:
     if hit is None or hit.units is not units or hit.version != states._version:
         hit = _STATE_MASKS[states] = _StateMasks(units, states)
     return hit
+
+
+def share_masks(units: PrunableUnits, states: torch.Tensor, table: torch.Tensor) -> None:
+    """Record ``table`` as the keep-masks of ``states`` (``_point_table``'s layout, made elsewhere: the pruner's best
+    state has them from ``StateView.point_table``, derived on the host copy), so that ``masked`` does not derive
+    them again on the device."""
+    _STATE_MASKS[states] = _StateMasks(units, states, table)
 
 
 @contextlib.contextmanager

@@ -25,7 +25,7 @@ from .energy import resolve_energy
 from .export import export_pruned
 from .exported_training import ExportedNetworkTrainer
 from .masked_update import frozen_statistics, pruned_values, zero_pruned
-from .masking import masked
+from .masking import masked, share_masks
 from .size_target import SizeMeasure, SizeTarget, check_metric
 from . import host
 from .state_view import StateView
@@ -406,6 +406,8 @@ class EDropout:
         state: again only when ``best_state`` is replaced."""
         if self._best_view is None or self._best_view.state is not self.best_state:
             self._best_view = StateView(self.model, self.units, self.best_state, self._best_host)
+            # the training forward's masks come from the view's host-derived table, in the view's one upload
+            share_masks(self.units, self.best_state, self._best_view.point_table)
         return self._best_view
 
     def step(self, x: torch.Tensor, y: torch.Tensor, optimizer: torch.optim.Optimizer) -> StepInfo:

@@ -40,36 +40,61 @@ class StateView:
         return self.units.extended(self.host_state.reshape(1, -1))[0]
 
     @cached_property
-    def point_keeps(self) -> dict:
-        """{mask point's module name: keep-mask [C]} for every mask point, on the state's device."""
-        return _on_devices({name: (keep, self.state.device) for name, keep in self._host_point_keeps.items()})
-
-    @cached_property
     def _host_point_table(self) -> torch.Tensor:
         """Every mask point's keep-mask side by side (``units.point_bits`` order) on the host: one gather."""
         return self.extended[self.units.point_bits]
 
     @cached_property
-    def _host_point_keeps(self) -> dict:
-        """{mask point's module name: keep-mask [C]} on the host, views of ``_host_point_table``."""
-        table = self._host_point_table
-        keeps, first = {}, 0
-        for p in self.units.mask_points:
-            keeps[p.module_name] = table[first:first + p.index.numel()]
-            first += p.index.numel()
-        return keeps
-
-    @cached_property
     def _host_axis_keeps(self) -> dict:
         """{(parameter name, dim): keep-mask along that axis} on the host, views of one gather."""
         axes, bits = self.units.axis_bits
-        table = self.extended[bits]
-        keeps, first = {}, 0
-        for pa, dim in axes:
-            size = pa.axes[dim].numel()
-            keeps[(pa.name, dim)] = table[first:first + size]
+        return dict(zip([(pa.name, dim) for pa, dim in axes],
+                        _split(self.extended[bits], [pa.axes[dim].numel() for pa, dim in axes])))
+
+    @cached_property
+    def _tracked_norms(self) -> dict:
+        """{masked BatchNorm that tracks running statistics and has a pruned channel: its mask point's name}."""
+        modules = dict(self.model.named_modules())
+        bits = self._host_point_table.tolist()  # one conversion for every point's test
+        found, first = {}, 0
+        for p in self.units.mask_points:
+            module, size = modules[p.module_name], p.index.numel()
+            if isinstance(module, _NORM) and module.running_mean is not None and not all(bits[first:first + size]):
+                found[module] = p.module_name
             first += size
-        return keeps
+        return found
+
+    @cached_property
+    def _on_device(self) -> dict:
+        """What a step reads on the device, sent in one transfer per device (``host.upload``): the point table
+        ("points"), every parameter axis's keep-mask ((name, dim)) and the tracked BatchNorms' statistics
+        weights (their modules), in each BatchNorm's statistics dtype (converted on the host, once per dtype)."""
+        params = dict(self.model.named_parameters())
+        parts = {"points": (self._host_point_table, self.state.device)}
+        parts.update({key: (keep, params[key[0]].device) for key, keep in self._host_axis_keeps.items()})
+        keeps = dict(zip((p.module_name for p in self.units.mask_points),
+                         _split(self._host_point_table, [p.index.numel() for p in self.units.mask_points])))
+        names = self._tracked_norms
+        by_dtype = {}
+        for module in self._tracked_norms:
+            by_dtype.setdefault(module.running_mean.dtype, []).append(module)
+        for dtype, modules in by_dtype.items():
+            weights = torch.cat([keeps[names[m]] for m in modules]).to(dtype)
+            for m, w in zip(modules, _split(weights, [keeps[names[m]].numel() for m in modules])):
+                parts[m] = (w, self.state.device)
+        return _on_devices(parts)
+
+    @cached_property
+    def point_table(self) -> torch.Tensor:
+        """Every mask point's keep-mask side by side [sum C] (``units.point_bits`` order), on the state's device:
+        the layout of ``masking``'s training masks."""
+        return self._on_device["points"]
+
+    @cached_property
+    def point_keeps(self) -> dict:
+        """{mask point's module name: keep-mask [C]} for every mask point, on the state's device."""
+        return dict(zip((p.module_name for p in self.units.mask_points),
+                        _split(self.point_table, [p.index.numel() for p in self.units.mask_points])))
 
     @cached_property
     def parameter_keeps(self) -> dict:
@@ -94,45 +119,19 @@ class StateView:
         """The same keeps as (row_keep [dim 0] or None, col_keep [dim 1] or None) per parameter a bit can remove:
         the fused optimizer kernel's form."""
         params = dict(self.model.named_parameters())
-        axis_keeps = self._host_axis_keeps
-        device = _on_devices({key: (keep, params[key[0]].device) for key, keep in axis_keeps.items()})
-        return {params[pa.name]: tuple(device.get((pa.name, d)) for d in (0, 1)) for pa in self.units.param_axes}
-
-    @cached_property
-    def _tracked_norm_keeps(self) -> dict:
-        """{masked BatchNorm that tracks running statistics and has a pruned channel: its host keep-mask [C]}."""
-        modules = dict(self.model.named_modules())
-        keeps = self._host_point_keeps
-        bits = self._host_point_table.tolist()  # one conversion for every point's test
-        found, first = {}, 0
-        for name, keep in keeps.items():
-            module, size = modules[name], keep.numel()
-            if isinstance(module, _NORM) and module.running_mean is not None and not all(bits[first:first + size]):
-                found[module] = keep
-            first += size
-        return found
+        on_device = self._on_device
+        return {params[pa.name]: tuple(on_device.get((pa.name, d)) for d in (0, 1)) for pa in self.units.param_axes}
 
     @cached_property
     def statistics_keeps(self) -> dict:
         """{BatchNorm module: keep-mask [C]} for every masked BatchNorm that tracks running statistics and has a
         pruned channel."""
-        return _on_devices({m: (keep, self.state.device) for m, keep in self._tracked_norm_keeps.items()})
+        return {m: self.point_keeps[name] for m, name in self._tracked_norms.items()}
 
     @cached_property
     def statistics_weights(self) -> dict:
         """``statistics_keeps`` as float 1/0 weights in each BatchNorm's statistics dtype (``frozen_statistics``)."""
-        keeps = self._tracked_norm_keeps
-        by_dtype = {}
-        for module in keeps:
-            by_dtype.setdefault(module.running_mean.dtype, []).append(module)
-        weights = {}
-        for dtype, modules in by_dtype.items():  # one conversion per dtype
-            converted = torch.cat([keeps[m] for m in modules]).to(dtype)
-            first = 0
-            for m in modules:
-                weights[m] = (converted[first:first + keeps[m].numel()], self.state.device)
-                first += keeps[m].numel()
-        return _on_devices(weights)
+        return {m: self._on_device[m] for m in self._tracked_norms}
 
     @cached_property
     def kept_positions(self) -> dict:
@@ -157,3 +156,12 @@ def _on_devices(parts: dict) -> dict:
     for device, items in by_device.items():
         out.update(zip([k for k, _ in items], host.upload([t for _, t in items], device)))
     return {key: out[key] for key in parts}
+
+
+def _split(table: torch.Tensor, sizes) -> list:
+    """Consecutive pieces of ``table`` (1-D) of the given sizes, as views."""
+    out, first = [], 0
+    for size in sizes:
+        out.append(table[first:first + size])
+        first += size
+    return out
