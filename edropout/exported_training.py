@@ -72,18 +72,22 @@ class ExportedNetworkTrainer:
         self.small.train(self.model.training)
         return F.cross_entropy(self.forward(x), y)
 
-    def update(self, loss: torch.Tensor) -> None:
-        """Backward from ``loss`` and one plain optimizer step of the small network."""
+    def backward(self, loss: torch.Tensor) -> None:
+        """The small network's gradients of ``loss`` (its old gradients dropped first)."""
         self.optimizer.zero_grad(set_to_none=True)
         loss.backward()
-        self.optimizer.step()
-        # the user's optimizer stepped by proxy; LR schedulers read this flag to check the order of their calls
+
+    def stepped(self) -> None:
+        """Record that ``optimizer`` stepped: the user's optimizer stepped by proxy, and LR schedulers read this
+        flag to check the order of their calls."""
         self.user_optimizer._opt_called = True
 
     def step(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         """One plain training step of the small network; returns the loss."""
         loss = self.loss(x, y)
-        self.update(loss)
+        self.backward(loss)
+        self.optimizer.step()
+        self.stepped()
         return loss.detach()
 
     @torch.no_grad()

@@ -28,7 +28,7 @@ from .masked_update import frozen_statistics, pruned_values, zero_pruned
 from .masking import masked, share_masks
 from .size_target import SizeMeasure, SizeTarget, check_metric
 from . import host
-from .state_view import StateView
+from .state_view import ALL_KEPT, StateView
 from .units import discover_units, model_outputs
 
 
@@ -442,28 +442,30 @@ class EDropout:
         trained = trainer.small if exported else self.model
         saved = [b.clone() for b in trained.buffers()] if self.on_nonfinite == "skip" else None
         check = None
-        if exported:
+        if exported:  # the exported network: nothing pruned in it, so its update is the plain one
             loss = trainer.loss(x, y)
-            if not bool(torch.isfinite(loss.detach())):
-                return self._nonfinite_loss(loss, saved, trained)
-            trainer.update(loss)
+            trainer.backward(loss)
+            stepped, view = trainer.optimizer, ALL_KEPT
         else:
             # restored after backward: autograd saves the running statistics it was given and checks their versions
             with frozen_statistics(self.best_view.statistics_weights):
                 loss = F.cross_entropy(self._training_logits(x), y)
                 optimizer.zero_grad(set_to_none=True)
                 loss.backward()
-            every = self._loss_everywhere(loss)
-            if saved is not None:  # a non-finite forward's BatchNorm statistics are put back, on the device
-                finite = torch.isfinite(every)
-                with torch.no_grad():
-                    for buffer, value in zip(trained.buffers(), saved):
-                        torch.where(finite, buffer, value, out=buffer)
-            taken = self.backend.optimizer_step_if_finite(optimizer, self.best_view, every)
-            if taken is False:
-                return self._nonfinite_loss(loss)
-            if taken is not True:  # the device judged the loss: the host reads it at its next read
-                check = self._pending = DeferredLossCheck(self.iteration + 1, loss.detach(), every, taken)
+            stepped, view = optimizer, self.best_view
+        every = self._loss_everywhere(loss)
+        if saved is not None:  # a non-finite forward's BatchNorm statistics are put back, on the device
+            finite = torch.isfinite(every)
+            with torch.no_grad():
+                for buffer, value in zip(trained.buffers(), saved):
+                    torch.where(finite, buffer, value, out=buffer)
+        taken = self.backend.optimizer_step_if_finite(stepped, view, every)
+        if taken is False:
+            return self._nonfinite_loss(loss)
+        if exported:
+            trainer.stepped()
+        if taken is not True:  # the device judged the loss: the host reads it at its next read
+            check = self._pending = DeferredLossCheck(self.iteration + 1, loss.detach(), every, taken)
         self.iteration += 1
         energies = self.stored_energies if self.stored_energies is not None else torch.full((1,), float("nan"))
         return StepInfo(self.iteration, loss, energies, self.best_view, self.converged, check=check,
@@ -493,13 +495,9 @@ class EDropout:
             return self.backend.training_logits(self.best_state, x)
         return forward_inside(self.ddp, lambda inputs: self.backend.training_logits(self.best_state, inputs), x)
 
-    def _nonfinite_loss(self, loss, saved=None, trained=None) -> StepInfo:
-        """The training loss is non-finite (read on the host): no optimizer step. ``saved``: the forward's buffers
-        (BatchNorm statistics) to put back; the iteration counts (its generation of the evolution stands)."""
-        if saved is not None:
-            with torch.no_grad():
-                for buffer, value in zip(trained.buffers(), saved):
-                    buffer.copy_(value)
+    def _nonfinite_loss(self, loss) -> StepInfo:
+        """The training loss is non-finite (read on the host): no optimizer step; the iteration counts (its
+        generation of the evolution stands)."""
         info = self._nonfinite(self._loss_problem(float(loss.detach())))
         self.iteration += 1
         info.iteration = self.iteration

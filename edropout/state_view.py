@@ -146,6 +146,18 @@ class StateView:
         return self.units.pruning_rate(self.host_state.unsqueeze(0))[0].tolist()
 
 
+class _AllKept:
+    """The view of a network of which nothing is pruned (the exported network that trains after convergence): no
+    keep-mask, so a backend's masked update of it is the plain update."""
+
+    parameter_keeps: dict = {}
+    row_col_keeps: dict = {}
+
+
+#: The one ``_AllKept`` view (it holds nothing that changes).
+ALL_KEPT = _AllKept()
+
+
 def _on_devices(parts: dict) -> dict:
     """{key: copy of a host tensor on its device} from {key: (host tensor, device)}: one transfer per device
     (``host.upload``)."""

@@ -98,3 +98,29 @@ def test_skip_mode_skips_counts_and_warns_when_read():
         buffer = optimizer.state[p]["momentum_buffer"]
         kept = keeps[p].expand_as(p) if p in keeps else torch.ones_like(p, dtype=torch.bool)
         assert torch.equal(buffer[kept], p.grad[kept]) and bool((buffer[~kept] == 0).all()), name
+
+
+@pytest.mark.parametrize("name, make_optimizer, on_nonfinite", [("lenet", ADADELTA, "raise"),
+                                                                ("concat", SGD_MOMENTUM, "skip")])
+def test_after_convergence_the_exported_network_s_update_is_judged_on_the_device(name, make_optimizer, on_nonfinite):
+    model, pruner, optimizer, x, y = _setup(name, make_optimizer, min_iterations=2, patience=1,
+                                            on_nonfinite=on_nonfinite)
+    while not pruner.converged:
+        pruner.step(x, y, optimizer)
+    pruner.step(x, y, optimizer)  # trains the exported network; its optimizer state exists now
+    small, trainer = pruner.training_network, pruner._exported_trainer
+    assert small is not model and trainer is not None
+    _poison(small)
+    before = _state(small, trainer.optimizer)
+    iteration = pruner.iteration + 1
+    info = pruner.step(x, y, optimizer)  # the device skips the update; nothing is read yet
+    assert pruner._pending is not None and info.iteration == iteration
+    if on_nonfinite == "raise":
+        with pytest.raises(NonFiniteError, match=f"the training loss is nan at iteration {iteration}; no weight "
+                                                 f"was changed"):
+            pruner.step(x, y, optimizer)
+    else:
+        with pytest.warns(RuntimeWarning, match=rf"skipped a batch at iteration {iteration}: the training loss is "
+                                                rf"nan \(1 skipped so far\)"):
+            assert info.skipped and pruner.skipped_batches == 1
+    _assert_unchanged(before, small, trainer.optimizer)  # weights, BatchNorm statistics, step counters, buffers

@@ -1,10 +1,11 @@
 """The host synchronisations of ``EDropout.step``. On the accelerated path (backend "triton", whose fused masked
 update judges the training loss on the device) an evolving step reads the device exactly once: the convergence
 read (``edropout.host.read``: the best state, its energy, the batch's value checks and the previous
-step's loss in one transfer), and a converged step (masked dense training) once as well: the batch check with the
-previous step's loss. What remains elsewhere, and is counted here too: the reference and batched backends (and the
-triton backend with an optimizer the fused update declines) read the loss's finiteness on the host before the
-masked step (``Backend.optimizer_step_if_finite``: one ``_local_scalar_dense``).
+step's loss in one transfer), and a converged step (masked dense training, or training of the exported network)
+once as well: the batch check with the previous step's loss. What remains elsewhere, and is counted here too: the
+reference and batched backends (and the triton backend with an optimizer the fused update declines) read the
+loss's finiteness on the host before the update (``Backend.optimizer_step_if_finite``: one
+``_local_scalar_dense``).
 
 Counted on CPU: ATen operations that read a device value on the host (``.item()``, ``float()``, ``bool()``,
 ``torch.equal`` reach the dispatcher as ``_local_scalar_dense``, ``is_nonzero``, ``equal``) and Python-level
@@ -12,8 +13,8 @@ Counted on CPU: ATen operations that read a device value on the host (``.item()`
 synchronisation. Not seen here: ``.tolist()``, which does not reach the dispatcher (the engine calls it on the
 host copies ``host.read`` returns and on what ``StateView`` derives from them). Listed in the README instead:
 host-to-device copies from pageable memory, which the engine routes through ``host.upload`` (pinned,
-non-blocking), the one-off reads of the first scoring call (plan probe and self-check), and the exported network's
-training after convergence.
+non-blocking), the one-off reads of the first scoring call (plan probe and self-check) and of the first converged
+step (building the exported network).
 """
 import contextlib
 
@@ -70,25 +71,31 @@ def counting(monkeypatch):
 _LOSS_READ = {"reference": ["_local_scalar_dense"], "batched": ["_local_scalar_dense"], "triton": []}
 
 
-@pytest.mark.parametrize("converged", [False, True], ids=["evolving", "converged"])
+@pytest.mark.parametrize("phase", ["evolving", "converged", "converged_exported"])
 @pytest.mark.parametrize("backend", ["reference", "batched", "triton"])
-def test_a_step_reads_the_device_once(backend, converged, monkeypatch):
+def test_a_step_reads_the_device_once(backend, phase, monkeypatch):
     torch.manual_seed(0)
     model = small_net("resnet18")
     g = torch.Generator().manual_seed(1)
     x, y = torch.randn(6, 1, 8, 8, generator=g), torch.randint(0, 10, (6,), generator=g)
     opt = torch.optim.Adadelta(model.parameters(), lr=1.0)
     pruner = EDropout(model, x[:2], population_size=4, backend=backend, min_iterations=10 ** 9,
-                      train_exported_after_convergence=False)
+                      train_exported_after_convergence=phase == "converged_exported")
     for _ in range(2):  # first calls build plans and probe the model (one-off host reads)
         pruner.step(x, y, opt)
-    pruner.converged = converged  # converged: masked dense training with the best state, no evolution
+    if phase != "evolving":
+        # converged: no evolution; training with the best state masked, or on the exported network, whose
+        # trainer the first converged step builds (a one-off)
+        pruner.converged = True
+        pruner.step(x, y, opt)
     for _ in range(2):
         with counting(monkeypatch) as (ops, calls, before):
             pruner.step(x, y, opt)
         assert ops == _LOSS_READ[backend] and calls == [], f"host synchronisations in step(): {ops + calls}"
         assert host.reads - before == 1, "exactly one device read per step"
         monkeypatch.undo()
+    if phase == "converged_exported":
+        assert pruner._exported_trainer is not None, "the converged steps trained the exported network"
 
 
 def test_step_info_reads_lazily():
