@@ -100,8 +100,8 @@ class EDropout:
     NaN or infinite inputs, a non-finite training loss, or a batch on which every energy is non-finite raises
     ``NonFiniteError`` before any weight or optimizer state changes ("raise"), or is skipped with a warning and
     counted in ``skipped_batches`` ("skip"). Where the fused masked update runs (backend "triton" with SGD, Adam,
-    AdamW or Adadelta) the device alone judges the training loss, without a host wait: a non-finite loss makes the
-    update write nothing, and it is reported (raised, or warned and counted) at the next read of the device: the
+    AdamW or Adadelta) the device alone judges the training loss, without a host wait, also when the exported
+    network trains after convergence: a non-finite loss makes the update write nothing, and it is reported (raised, or warned and counted) at the next read of the device: the
     next ``step``, or a read of that step's ``StepInfo``, of ``skipped_batches``, or ``sync``/``state_dict``/
     ``export``, naming the iteration it belonged to.
     ``model`` may be wrapped in ``DistributedDataParallel``; with ``torch.distributed`` initialised (or a
