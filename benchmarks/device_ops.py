@@ -131,9 +131,14 @@ def markdown(report) -> str:
              "device op. A *changed* iteration is one whose best state changed: it derives and uploads the new "
              "state's masks. Syncs: host synchronisations (`host.read`, and `.item()`, `bool()`, ... on a device "
              "value).", "",
-             f"Plain training iteration: **{plain:.0f}** device ops "
-             f"({_split({k: v['mean'] for k, v in report['plain'].items()})}), "
-             f"{report['plain']['host_ops']['mean']:.0f} host ops, {report['plain']['syncs']['mean']:.0f} syncs.",
+             f"Plain training iteration: **{plain:.0f}** device ops ({report['plain']['aten']['mean']:.0f} ATen + "
+             f"{report['plain']['triton']['mean']:.0f} Triton + {report['plain']['transfers']['mean']:.0f} "
+             f"transfers), {report['plain']['host_ops']['mean']:.0f} host op (torch's CPU step counters), "
+             f"{report['plain']['syncs']['mean']:.0f} syncs. Each column shows the worst counted iteration of its "
+             "kind; \"(none counted)\": no counted iteration changed the best state. On CPU every triton iteration "
+             "counts one transfer for the fused optimizer's pointer table, which is rebuilt because the CPU "
+             "allocator gives the gradients new addresses each step (CUDA's caching allocator usually gives the "
+             "same ones, and the cached table is reused).",
              "",
              "| backend | S | scoring call: device ops (ATen + Triton + transfers) | steady iteration: device ops | "
              "× plain | changed iteration: device ops | × plain | host ops per iteration (steady, changed) | "
