@@ -101,9 +101,10 @@ class EDropout:
     ``NonFiniteError`` before any weight or optimizer state changes ("raise"), or is skipped with a warning and
     counted in ``skipped_batches`` ("skip"). Where the fused masked update runs (backend "triton" with SGD, Adam,
     AdamW or Adadelta) the device alone judges the training loss, without a host wait, also when the exported
-    network trains after convergence: a non-finite loss makes the update write nothing, and it is reported (raised, or warned and counted) at the next read of the device: the
-    next ``step``, or a read of that step's ``StepInfo``, of ``skipped_batches``, or ``sync``/``state_dict``/
-    ``export``, naming the iteration it belonged to.
+    network trains after convergence: a non-finite loss makes the update write nothing, and it is reported
+    (raised, or warned and counted) at the next read of the device: the next ``step``, or a read of that step's
+    ``StepInfo``, of ``skipped_batches``, or ``sync``/``state_dict``/``export``, naming the iteration it belonged
+    to.
     ``model`` may be wrapped in ``DistributedDataParallel``; with ``torch.distributed`` initialised (or a
     ``process_group``) the pruner runs ``parallel="data"`` (default) or ``"population"`` across the ranks
     (``edropout.distributed``), and every rank must call ``step``/``energies`` together.

@@ -4,8 +4,8 @@ The pruner keeps a ``StateView`` of its best state and builds a new one only whe
 optimizer step reads its per-parameter keep-masks, the fused optimizer kernel its row/column keeps, the training
 forward its BatchNorm statistics keeps, training on the exported network its kept positions, and ``StepInfo``
 its pruning rate. Each is computed on first use, on a host copy of the state, so a step pays only for what its
-backend reads and never waits on the device for it; each part reaches the device in one transfer (``host.upload``),
-so a new best state costs the device a few copies, not one per parameter.
+backend reads and never waits on the device for it; what a step reads on the device reaches it in one packed
+transfer (``host.upload``), so a new best state costs the device one copy, not one per mask.
 """
 from __future__ import annotations
 
