@@ -82,14 +82,6 @@ class ExportedNetworkTrainer:
         flag to check the order of their calls."""
         self.user_optimizer._opt_called = True
 
-    def step(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-        """One plain training step of the small network; returns the loss."""
-        loss = self.loss(x, y)
-        self.backward(loss)
-        self.optimizer.step()
-        self.stepped()
-        return loss.detach()
-
     @torch.no_grad()
     def write_back(self) -> None:
         """Copy the small network's weights, buffers and optimizer state into the user's model and optimizer."""
