@@ -4,10 +4,14 @@ definitions written here, and what Torch-Pruning's own magnitude pruner does on 
 For every model (one subprocess each, with a hard memory cap and a timeout, results cached per model so a run
 resumes), on a small input (64×64 where the model accepts it, batch 4, 10 classes):
 - construction: seconds, units D, whether torch-pruning traced the model, warnings;
-- energies of S = 4 states on every backend (reference, batched, compact; triton in Triton's interpreter: 2 states
-  on 2 rows, for time) against
-  an independent masked forward written below: every BatchNorm (subclasses included) normalising with the
-  state's own batch statistics, every other module in eval mode, each mask applied to its module's output;
+- energies of S = 4 states on every backend (reference, batched, compact) against an independent masked forward
+  written below: every BatchNorm (subclasses included) normalising with the state's own batch statistics, every
+  other module in eval mode, each mask applied to its module's output;
+- the triton backend's energies in Triton's CPU interpreter (every program instance in Python: 2 states on 2
+  rows, for time) in one scoring mode, recorded in the row: "eval" (the default; ``score_in_eval_mode=True``,
+  BatchNorm with running statistics, those of the dense model on 16 random rows, against the masked forward in
+  eval mode: well-conditioned at any input size) or "train" (batch statistics, as above; with two rows, BatchNorm over the last stages' 1x1 or 2x2 maps is
+  ill-conditioned). ``--recheck-triton`` reruns only this check on the cached rows where it is not ok;
 - export of one state: the small network against the masked model (eval mode), and the pruning rate against the
   exported parameter count (exact);
 - kept-channel training (``CompactBackend.kept_channel_logits``) against the masked dense forward in float64 on two rows:
@@ -53,6 +57,9 @@ MEMORY_CAP = 8 * 2 ** 30  # address space per model (the machine's 24 GiB are sh
 TIMEOUT = 900  # seconds per model
 BACKEND_SECONDS = 240  # per check
 TRITON_SECONDS = 30  # the triton backend's energies in Triton's interpreter (every program instance in Python)
+TRITON_MODE = "eval"  # the triton check's scoring mode (see triton_check)
+TRITON_STATES, TRITON_ROWS = 2, 2
+CALIBRATION_ROWS = 16  # eval-mode triton check: BatchNorm running statistics of the dense model on these many rows
 BATCH, STATES, CLASSES = 4, 4, 10
 
 # (source, name, constructor keyword arguments, input side)
@@ -128,11 +135,56 @@ def independent_energies(model, units, states, x, y):
     out = []
     for state in states:
         with masked_by_hooks(net, units, state), torch.no_grad():
-            z = net(x)
-        true = z.gather(1, y[:, None]).squeeze(1)
-        others = z.scatter(1, y[:, None], float("-inf")).amax(dim=1)
-        out.append((others - true).mean())
+            out.append(margin(net(x), y))
     return torch.stack(out)
+
+
+def independent_eval_energies(model, units, states, x, y):
+    """Margin energy of each state with every module in eval mode (BatchNorm with its running statistics, as
+    ``score_in_eval_mode=True`` scores), masks multiplied in by hooks written here."""
+    import torch
+
+    return torch.stack([margin(masked_outputs(model, units, state, x), y) for state in states])
+
+
+def margin(z, y):
+    """Mean over rows of (largest other logit - true logit)."""
+    true = z.gather(1, y[:, None]).squeeze(1)
+    others = z.scatter(1, y[:, None], float("-inf")).amax(dim=1)
+    return (others - true).mean()
+
+
+@contextlib.contextmanager
+def calibrated_batch_norms(model, side: int):
+    """While inside, every BatchNorm's running statistics are those of the dense model on CALIBRATION_ROWS random
+    inputs (one forward, BatchNorms in train mode with a cumulative average, every other module in eval), as after
+    training on data; the initial ones (mean 0, variance 1) let the logits of deep random networks vanish (1e-12 on
+    mobilenet_v3_small), which no tolerance of the form |dE| / (1 + |E|) can check. Restored on exit."""
+    import torch
+    import torch.nn as nn
+
+    norms = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.track_running_stats]
+    saved = [(m.momentum, m.running_mean.clone(), m.running_var.clone(), m.num_batches_tracked.clone()) for m in norms]
+    was = {m: m.training for m in model.modules()}
+    x = torch.randn(CALIBRATION_ROWS, 3, side, side, generator=torch.Generator().manual_seed(2))
+    try:
+        model.eval()
+        for m in norms:
+            m.reset_running_stats()
+            m.momentum = None
+            m.train()
+        with torch.no_grad():
+            model(x)
+        model.eval()
+        yield
+    finally:
+        for m, (momentum, mean, var, count) in zip(norms, saved):
+            m.momentum = momentum
+            m.running_mean.copy_(mean)
+            m.running_var.copy_(var)
+            m.num_batches_tracked.copy_(count)
+        for m, t in was.items():
+            m.training = t
 
 
 def masked_outputs(model, units, state, x):
@@ -176,52 +228,87 @@ def short(exc) -> str:
 
 
 # ----- one model ---------------------------------------------------------------------------------------------------
-def run_one(source, name, kwargs, side, triton_seconds: int = TRITON_SECONDS) -> dict:
-    """Every check on one model; a dict for the table (errors recorded, not raised)."""
+def setup(source, name, kwargs, side):
+    """The model, its batch (x, y), an ``EDropout`` on it (reference backend, seed 0), the construct seconds and
+    the RuntimeWarnings of construction: the same for a full run and a triton-only recheck."""
     os.environ.setdefault("TRITON_INTERPRET", "1")  # before edropout_kernels is imported
+    import torch
+
+    from edropout import EDropout
+
+    torch.set_num_threads(2)
+    model = build(source, name, kwargs)
+    g = torch.Generator().manual_seed(1)
+    x = torch.randn(BATCH, 3, side, side, generator=g)
+    y = torch.randint(0, CLASSES, (BATCH,), generator=g)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        start = time.perf_counter()
+        pruner = EDropout(model, x[:2], population_size=STATES, backend="reference", seed=0)
+        seconds = round(time.perf_counter() - start, 2)
+    return model, x, y, pruner, seconds, [str(w.message) for w in caught if issubclass(w.category, RuntimeWarning)]
+
+
+def triton_check(model, units, energy_fn, states, x, y, mode: str, seconds: int) -> dict:
+    """The triton backend's energies in Triton's interpreter (every program instance in Python: 2 states on 2 rows,
+    for time) against the independent masked forward of the same scoring mode: "train" (BatchNorm with each state's
+    batch statistics; ill-conditioned where the last feature maps of two rows are 1x1 or 2x2) or "eval"
+    (``score_in_eval_mode=True``: BatchNorm with running statistics, set by ``calibrated_batch_norms``;
+    well-conditioned at any input size)."""
+    from edropout.backends import TritonBackend
+
+    states, x, y = states[:TRITON_STATES], x[:TRITON_ROWS], y[:TRITON_ROWS]
+    entry = {"mode": mode, "input": list(x.shape), "states": len(states), "limit_s": seconds}
+    if mode == "eval":
+        entry["running_statistics"] = f"dense model on {CALIBRATION_ROWS} random rows"
+    backend = TritonBackend().bind(model, units, energy_fn, batch_statistics=mode == "train")
+    independent = independent_energies if mode == "train" else independent_eval_energies
+    calibration = calibrated_batch_norms(model, x.shape[-1]) if mode == "eval" else contextlib.nullcontext()
+    try:
+        with calibration:
+            start = time.perf_counter()
+            got = limited(seconds, lambda: backend.score(states.bool(), x, y))
+            entry["seconds"] = round(time.perf_counter() - start, 1)
+            expected = independent(model, units, states, x, y)
+        err = float(((got - expected).abs() / (1 + expected.abs())).max())
+        entry.update(max_rel_diff=err, ok=bool(err <= 1e-3), max_abs_energy=float(expected.abs().max()))
+    except Exception as exc:
+        entry["error"] = short(exc)
+    return entry
+
+
+def run_one(source, name, kwargs, side, triton_seconds: int = TRITON_SECONDS, triton_mode: str = TRITON_MODE) -> dict:
+    """Every check on one model; a dict for the table (errors recorded, not raised)."""
+    model, x, y, pruner, construct_s, seen = setup(source, name, kwargs, side)
     import torch
 
     from edropout import EDropout
     from edropout.budget import BudgetExceeded, budget
 
-    torch.set_num_threads(2)
-    row = {"model": f"{source}/{name}", "input": [BATCH, 3, side, side],
-           "limits_s": {"triton": triton_seconds, "other_backends": BACKEND_SECONDS}}
-    model = build(source, name, kwargs)
-    row["parameters"] = parameters(model)
-    g = torch.Generator().manual_seed(1)
-    x = torch.randn(BATCH, 3, side, side, generator=g)
-    y = torch.randint(0, CLASSES, (BATCH,), generator=g)
-    seen = []
-    with warnings.catch_warnings(record=True) as caught:
-        warnings.simplefilter("always")
-        start = time.perf_counter()
-        pruner = EDropout(model, x[:2], population_size=STATES, backend="reference", seed=0)
-        row["construct_s"] = round(time.perf_counter() - start, 2)
-    seen += [str(w.message) for w in caught if issubclass(w.category, RuntimeWarning)]
+    row = {"model": f"{source}/{name}", "input": list(x.shape),
+           "limits_s": {"triton": triton_seconds, "other_backends": BACKEND_SECONDS},
+           "parameters": parameters(model), "construct_s": construct_s}
     units = pruner.units
     row.update(units=units.num_units, traced=units.traced, groups=len(units.groups))
     states = pruner.population.clone()
     want = independent_energies(model, units, states, x, y)
     row["energies"] = {}
     for backend in ("reference", "batched", "compact", "triton"):
-        pruner.backend = backend
-        # Triton's interpreter runs every program instance in Python (121 s for resnet18 at S = 4, batch 4):
-        # two states on two rows there
-        members, rows = (2, 2) if backend == "triton" else (STATES, BATCH)
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always")
-            try:
-                start = time.perf_counter()
-                seconds = triton_seconds if backend == "triton" else BACKEND_SECONDS
-                got = limited(seconds, lambda: pruner.score_states(states[:members], x[:rows], y[:rows]))
-                expected = want if rows == BATCH else independent_energies(model, units, states[:members], x[:rows],
-                                                                          y[:rows])
-                err = float(((got - expected[:members]).abs() / (1 + expected[:members].abs())).max())
-                row["energies"][backend] = {"max_rel_diff": err, "ok": bool(err <= 1e-3),
-                                            "seconds": round(time.perf_counter() - start, 1)}
-            except Exception as exc:
-                row["energies"][backend] = {"error": short(exc)}
+            if backend == "triton":
+                row["energies"][backend] = triton_check(model, units, pruner.energy_fn, states, x, y, triton_mode,
+                                                        triton_seconds)
+            else:
+                try:
+                    pruner.backend = backend
+                    start = time.perf_counter()
+                    got = limited(BACKEND_SECONDS, lambda: pruner.score_states(states, x, y))
+                    err = float(((got - want).abs() / (1 + want.abs())).max())
+                    row["energies"][backend] = {"max_rel_diff": err, "ok": bool(err <= 1e-3),
+                                                "seconds": round(time.perf_counter() - start, 1)}
+                except Exception as exc:
+                    row["energies"][backend] = {"error": short(exc)}
         notes = [str(w.message) for w in caught if issubclass(w.category, RuntimeWarning)]
         if notes:
             row["energies"][backend]["warnings"] = sorted(set(n[:200] for n in notes))
@@ -269,6 +356,24 @@ def run_one(source, name, kwargs, side, triton_seconds: int = TRITON_SECONDS) ->
     row["warnings"] = sorted(set(w[:300] for w in seen))
     row["peak_rss_gib"] = round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2 ** 20, 2)
     return row
+
+
+def recheck_triton(source, name, kwargs, side, path: Path, seconds: int, mode: str) -> None:
+    """Replace the triton entry of the cached row at ``path`` by a fresh ``triton_check`` (the other checks are
+    kept): the same model, batch, units and states as the full run, which is asserted on the units."""
+    row = json.loads(path.read_text())
+    model, x, y, pruner, _, _ = setup(source, name, kwargs, side)
+    if pruner.units.num_units != row["units"]:
+        raise RuntimeError(f"{source}/{name}: {pruner.units.num_units} units, the cached row has {row['units']}")
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        entry = triton_check(model, pruner.units, pruner.energy_fn, pruner.population.clone(), x, y, mode, seconds)
+    notes = [str(w.message) for w in caught if issubclass(w.category, RuntimeWarning)]
+    if notes:
+        entry["warnings"] = sorted(set(n[:200] for n in notes))
+    row["energies"]["triton"] = entry
+    row.setdefault("limits_s", {})["triton"] = seconds
+    path.write_text(json.dumps(row, indent=1))
 
 
 def kept_channel_check(model, units, state, x, y) -> dict:
@@ -379,6 +484,33 @@ def run_all(names, cache: Path, run: bool = True, timeout: int = TIMEOUT, triton
     return rows
 
 
+def recheck_all(names, cache: Path, timeout: int, triton_seconds: int, mode: str) -> None:
+    """``recheck_triton`` on every selected cached row whose triton entry is not ok, one subprocess per model
+    under the memory cap; the cache is updated row by row (a failure is recorded in the triton entry)."""
+    for source, name, kwargs, side in MODELS:
+        key = f"{source}__{name}"
+        path = cache / f"{key}.json"
+        if (names and name not in names and key not in names) or not path.exists():
+            continue
+        row = json.loads(path.read_text())
+        if "crash" in row or row["energies"].get("triton", {}).get("ok"):
+            continue
+        print(f"{source}/{name} (triton, {mode} mode) ...", flush=True)
+        start = time.time()
+        try:
+            proc = subprocess.run([sys.executable, __file__, "--one", source, name, "--json", str(path),
+                                   "--triton-seconds", str(triton_seconds), "--triton-mode", mode, "--recheck-triton"],
+                                  preexec_fn=cap_memory, capture_output=True, text=True, timeout=timeout)
+            failure = "" if proc.returncode == 0 else \
+                f"exit {proc.returncode}: {' | '.join((proc.stderr or proc.stdout).strip().splitlines()[-3:])}"
+        except subprocess.TimeoutExpired:
+            failure = f"timeout after {timeout} s"
+        if failure:
+            row["energies"]["triton"] = {"mode": mode, "error": failure[:400]}
+            path.write_text(json.dumps(row, indent=1))
+        print(f"  {time.time() - start:.0f} s: {json.loads(path.read_text())['energies']['triton']}", flush=True)
+
+
 def _limit(check) -> str:
     """'t/o' or 'mem' when a check hit the benchmark's own time or memory limit, '' otherwise."""
     error = (check or {}).get("error", "")
@@ -414,8 +546,10 @@ def markdown(rows, meta) -> str:
              f"timm {meta['timm']}; random weights, batch {BATCH}, S = {STATES}, memory cap "
              f"{MEMORY_CAP / 2 ** 30:.0f} GiB per model. Construct seconds at normal priority on a shared machine "
              f"(noisy). Energies: max |E − E_indep| / (1 + |E_indep|) over the states, per backend "
-             f"(ref / batched / compact / triton interpreter). Kept-channel training: max relative difference of "
-             f"logits and gradients vs the masked dense forward in float64 (train modes / drops in eval).", "",
+             f"(ref / batched / compact: {STATES} states on {BATCH} rows, BatchNorm with each state's batch "
+             f"statistics; triton: {TRITON_STATES} states on {TRITON_ROWS} rows in Triton's CPU interpreter, "
+             f"{TRITON_LEGEND}). Kept-channel training: max relative difference of logits and gradients vs the masked "
+             f"dense forward in float64 (train modes / drops in eval).", "",
              "| model | D | traced | construct s | energies ref / bat / cmp / tri | export diff | rate exact | "
              "kept-channel training | after finalize | Torch-Pruning L1 50 % | result |",
              "|---|---|---|---|---|---|---|---|---|---|---|"]
@@ -425,7 +559,8 @@ def markdown(rows, meta) -> str:
             lines.append(f"| {r['model']} | | | | | | | | | | crash: {r['crash'][:120]} |")
             continue
         e = r.get("energies", {})
-        energies = " / ".join(fmt(e.get(b)) + ("*" if e.get(b, {}).get("warnings") else "")
+        energies = " / ".join(fmt(e.get(b)) + ("*" if e.get(b, {}).get("warnings") else "") +
+                              (_EVAL_MARK if b == "triton" and e.get(b, {}).get("mode") == "eval" else "")
                               for b in ("reference", "batched", "compact", "triton"))
         k = r.get("kept_channel_training", {})
         kept = " / ".join(fmt(k.get(m)) for m in ("train", "drops_in_eval"))
@@ -444,31 +579,40 @@ def markdown(rows, meta) -> str:
     return "\n".join(lines) + "\n"
 
 
+_EVAL_MARK = "†"
+TRITON_LEGEND = (f"in the scoring mode its entry in model_zoo.json records: {_EVAL_MARK} = `score_in_eval_mode=True` "
+                 f"(BatchNorm with running statistics: those of the dense model on {CALIBRATION_ROWS} random rows) "
+                 "against the independent masked forward in eval mode, unmarked = batch statistics like the other "
+                 "backends; input, states, seconds and the energies' size per entry")
+
+
 def _triton_limits(rows) -> str:
-    """The triton interpreter's limits the rows ran under, e.g. '30 s' or '30 s or 600 s (per row in the json)'."""
-    limits = sorted({r.get("limits_s", {}).get("triton", TRITON_SECONDS) for r in rows if "crash" not in r})
-    text = " or ".join(f"{limit} s" for limit in limits)
+    """The limits of the triton checks that ran past theirs, e.g. '30 s' or '30 s or 900 s (per row in the json)'."""
+    limits = sorted({r["energies"]["triton"].get("limit_s", r.get("limits_s", {}).get("triton", TRITON_SECONDS))
+                     for r in rows if "crash" not in r and _limit(r["energies"].get("triton")) == "t/o"})
+    text = " or ".join(f"{limit} s" for limit in limits) or f"{TRITON_SECONDS} s"
     return text + (" (per row in model_zoo.json)" if len(limits) > 1 else "")
 
 
 def readme_table(rows) -> str:
-    """The README's "works on" table: one line per model, the largest deviation of any measured check."""
-    lines = ["| model | D | traced | energies vs independent (backends) | export diff | kept-channel training "
-             "(float64) | Torch-Pruning L1 50 % | result |", "|---|---|---|---|---|---|---|---|"]
+    """The README's "works on" table: one line per model, the largest deviation of the measured checks."""
+    lines = ["| model | D | traced | energies vs independent (ref/bat/cmp) | triton (interpreter) | export diff | "
+             "kept-channel training (float64) | Torch-Pruning L1 50 % | result |", "|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         if "crash" in r:
-            lines.append(f"| {r['model']} | | | | | | | not measured: {r['crash'][:60]} |")
+            lines.append(f"| {r['model']} | | | | | | | | not measured: {r['crash'][:60]} |")
             continue
-        measured = [(b, v) for b, v in r.get("energies", {}).items() if "max_rel_diff" in v]
-        energies = f"{max(v['max_rel_diff'] for _, v in measured):.0e} ({len(measured)}/4)" if measured else "–"
+        cpu = [v["max_rel_diff"] for b, v in r.get("energies", {}).items() if b != "triton" and "max_rel_diff" in v]
+        triton = r.get("energies", {}).get("triton", {})
+        tri = (f"{triton['max_rel_diff']:.0e}{_EVAL_MARK if triton.get('mode') == 'eval' else ''}"
+               if "max_rel_diff" in triton else _limit(triton) or "err")
         kept = [v["max_rel_diff"] for v in r.get("kept_channel_training", {}).values() if "max_rel_diff" in v]
         tp_ = r.get("torch_pruning", {})
-        lines.append(f"| {r['model']} | {r['units']} | {'yes' if r['traced'] else 'no'} | {energies} | "
-                     f"{r['export_max_rel_diff']:.0e} | " if "export_max_rel_diff" in r else
-                     f"| {r['model']} | {r['units']} | {'yes' if r['traced'] else 'no'} | {energies} | refused | ")
-        lines[-1] += (f"{max(kept):.0e} | " if kept else "– | ") + \
-            (f"{100 * tp_['removed']:.0f} % removed" if tp_.get("ok") else tp_.get("error", "")[:50]) + \
-            f" | {verdict(r)} |"
+        tpr = f"{100 * tp_['removed']:.0f} % removed" if tp_.get("ok") else tp_.get("error", "")[:50]
+        export = f"{r['export_max_rel_diff']:.0e}" if "export_max_rel_diff" in r else "refused"
+        energies = f"{max(cpu):.0e} ({len(cpu)}/3)" if cpu else "–"
+        lines.append(f"| {r['model']} | {r['units']} | {'yes' if r['traced'] else 'no'} | {energies} | {tri} | "
+                     f"{export} | {f'{max(kept):.0e}' if kept else '–'} | {tpr} | {verdict(r)} |")
     return "\n".join(lines) + "\n"
 
 
@@ -483,14 +627,26 @@ def main():
     parser.add_argument("--report-only", action="store_true", help="write the tables from the cached models only")
     parser.add_argument("--readme", action="store_true", help="print the README's compact table as well")
     parser.add_argument("--timeout", type=int, default=TIMEOUT, help="seconds per model")
+    parser.add_argument("--triton-mode", choices=("eval", "train"), default=TRITON_MODE,
+                        help="scoring mode of the triton check: eval (BatchNorm running statistics) or train "
+                             "(batch statistics)")
+    parser.add_argument("--recheck-triton", action="store_true",
+                        help="rerun only the triton check on the selected cached models whose triton entry is not "
+                             "ok, then write the tables from every cached model")
     args = parser.parse_args()
     if args.one:
         source, name = args.one
         spec = next(m for m in MODELS if m[0] == source and m[1] == name)
-        row = run_one(*spec, triton_seconds=args.triton_seconds)
+        if args.recheck_triton:
+            recheck_triton(*spec, Path(args.json), args.triton_seconds, args.triton_mode)
+            return
+        row = run_one(*spec, triton_seconds=args.triton_seconds, triton_mode=args.triton_mode)
         Path(args.json).write_text(json.dumps(row, indent=1))
         return
-    rows = run_all(set(args.models), Path(args.cache), run=not args.report_only, timeout=args.timeout,
+    if args.recheck_triton:
+        recheck_all(set(args.models), Path(args.cache), args.timeout, args.triton_seconds, args.triton_mode)
+    rows = run_all(set(args.models) if not args.recheck_triton else set(), Path(args.cache),
+                   run=not (args.report_only or args.recheck_triton), timeout=args.timeout,
                    triton_seconds=args.triton_seconds)
     import timm
     import torch
