@@ -128,8 +128,10 @@ def launch_population_gemm(a, w, bias, scale, shift, y, kept_in: KeptFirstOrder,
     pixels = out_h * out_w
     tile_in_image = pixels % bm == 0
     grid = (triton.cdiv(rows, bm), triton.cdiv(n_outputs, bn), members)
-    # exact fp32 runs on the FMA units: 8 warps keep a 64x64 tile's accumulator and operands under 168 registers
-    warps = 8 if flags["INPUT_PRECISION"] == "ieee" and a.dtype == torch.float32 and bm * bn >= 4096 else 4
+    # exact fp32 runs on the FMA units: 8 warps keep a 64x64 tile's accumulator and operands under 168 registers;
+    # the explicit budget matters: without it triton 3.6's ptxas spilled 4 bytes in two of these at sm_90
+    fma_wide = flags["INPUT_PRECISION"] == "ieee" and a.dtype == torch.float32 and bm * bn >= 4096
+    warps, registers = (8, {"maxnreg": 168}) if fma_wide else (4, {})
     dummy = y  # never read: its HAS_* flag is False
     _population_gemm_kernel[grid](
         a, w, bias if bias is not None else dummy, scale if scale is not None else dummy,
@@ -138,6 +140,7 @@ def launch_population_gemm(a, w, bias, scale, shift, y, kept_in: KeptFirstOrder,
         kept_out.count, kept_out.count.stride(0),
         batch, height, width, n_outputs, out_h, out_w, c_pad, *y_strides,
         KH=kernel[0], KW=kernel[1], STRIDE_H=stride[0], STRIDE_W=stride[1], PAD_H=padding[0], PAD_W=padding[1],
-        TILE_IN_IMAGE=tile_in_image, WIDE=max(a.numel(), w.numel(), y.numel()) >= 2 ** 31, BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, num_warps=warps, **flags,
+        TILE_IN_IMAGE=tile_in_image, WIDE=max(a.numel(), w.numel(), y.numel()) >= 2 ** 31, BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, num_warps=warps,
+        **registers, **flags,
     )
     return y
