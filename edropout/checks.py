@@ -68,12 +68,17 @@ def batch_flags(x: torch.Tensor, y: torch.Tensor) -> list[torch.Tensor]:
     return flags
 
 
+#: The verdict of a rank whose batch failed ``check_batch`` (or the parallelism's batch check): it takes part in
+#: the others' collective with this instead of energies, and raises its own error after it.
+MALFORMED_VERDICT = (0.0, 0.0, 1.0)
+
+
 def batch_verdict(flags, x: torch.Tensor, classes: int) -> torch.Tensor:
-    """This rank's batch judged on the device, not read: [labels outside [0, classes), any input non-finite] as
-    0/1 float64, exactly as ``batch_problem`` judges: inputs narrower than float64 by their float64 sum, which
-    cannot overflow (a tenth of the time of a per-element check), float64 ones element by element. Ranks sum their
-    verdicts in a collective, so that a bad batch on one rank stops every rank, not that rank alone while the
-    others wait for it in their next collective."""
+    """This rank's batch judged on the device, not read: [labels outside [0, classes), any input non-finite,
+    malformed (0 here: see ``MALFORMED_VERDICT``)] as 0/1 float64, exactly as ``batch_problem`` judges: inputs
+    narrower than float64 by their float64 sum, which cannot overflow (a tenth of the time of a per-element
+    check), float64 ones element by element. Ranks sum their verdicts in a collective, so that a bad batch on one
+    rank stops every rank, not that rank alone while the others wait for it in their next collective."""
     labels = (flags[0] < 0) | (flags[1] >= classes)
     if x.is_floating_point() or x.is_complex():
         real = torch.view_as_real(x) if x.is_complex() else x
@@ -81,13 +86,17 @@ def batch_verdict(flags, x: torch.Tensor, classes: int) -> torch.Tensor:
                   ~torch.isfinite(real.sum(dtype=torch.float64)))
     else:
         values = torch.zeros_like(labels)
-    return torch.stack([labels, values]).double()
+    return torch.stack([labels, values, torch.zeros_like(labels)]).double()
 
 
 def other_ranks_problem(everywhere, classes: int) -> str | None:
     """What is wrong with another rank's batch, from the host copy of the ranks' summed ``batch_verdict``s, for a
-    rank whose own batch is fine: labels out of range raise ``ValueError``; non-finite inputs are returned."""
-    labels, values = everywhere.tolist()
+    rank whose own batch is fine: a malformed batch or labels out of range raise ``ValueError``; non-finite inputs
+    are returned."""
+    labels, values, malformed = everywhere.tolist()
+    if malformed:
+        raise ValueError("another rank's batch is malformed (its own error names the problem: a wrong type, shape, "
+                         "dtype or device, or an empty batch), so every rank stops here")
     if labels:
         raise ValueError(f"another rank's batch has labels outside [0, {classes}), so every rank stops here. Remap "
                          f"the labels or fix the classifier size")

@@ -17,8 +17,9 @@ import torch.nn.functional as F
 
 from . import evolution as evo
 from .backends import Backend, make_backend
-from .checks import (LogitsOf, NonFiniteError, batch_flags, batch_problem, batch_verdict, check_batch, check_logits,
-                     check_on_nonfinite, check_optimizer, model_device, other_ranks_problem)
+from .checks import (MALFORMED_VERDICT, LogitsOf, NonFiniteError, batch_flags, batch_problem, batch_verdict,
+                     check_batch, check_logits, check_on_nonfinite, check_optimizer, model_device,
+                     other_ranks_problem)
 from .deferred_loss import DeferredLossCheck
 from .distributed import StateCheck, forward_inside, resolve_parallelism, unwrap, wrapper_like
 from .energy import resolve_energy
@@ -226,11 +227,31 @@ class EDropout:
         """The batch's labels as int64; a non-finite input raises ``NonFiniteError`` (whatever ``on_nonfinite``:
         a call that only scores has no batch to skip), on every rank when any rank's batch has one. One read of the
         device."""
-        y = check_batch(x, y, self.device)
+        y = self._checked_batch(x, y)
         problem = self._read_batch_problem(x, batch_flags(x, y))
         if problem:
             raise NonFiniteError(f"{problem}; clean or drop this batch")
         return y
+
+    def _checked_batch(self, x, y, training=False, evolving=False):
+        """``check_batch`` (across ranks also the parallelism's batch check, of a ``training`` batch); a malformed
+        batch raises its error on its rank after taking part in the collective the other ranks enter next (the
+        energy collective when ``evolving``, else the batch-verdict all-reduce) with ``MALFORMED_VERDICT``, which
+        stops them too: no rank waits alone."""
+        if self.parallelism is None:
+            return check_batch(x, y, self.device)
+        try:
+            y = check_batch(x, y, self.device)
+            self.parallelism.check_batch(x, training)
+            return y
+        except (TypeError, ValueError):
+            verdict = torch.tensor(MALFORMED_VERDICT, dtype=torch.float64, device=self.device)
+            if evolving:
+                scored = 2 if self.stored_energies is None or self.rescore_parents else 1
+                self._scorer.abstain(scored * self.population_size, verdict)
+            else:
+                dist.all_reduce(verdict, group=self.parallelism.group)
+            raise
 
     def _read_batch_problem(self, x, flags):
         """``_batch_problem`` of the batch's unread ``flags``, read with the last step's loss; across ranks after
@@ -309,7 +330,6 @@ class EDropout:
         states = states.reshape(-1, self.num_units).to(self.device).bool()
         everywhere = None
         if self._scorer is not None:
-            self.parallelism.check_batch(x)
             energies, everywhere = self._scorer.score(states, x, y, verdict)
         else:
             energies = self._score_locally(states, x, y)
@@ -419,17 +439,15 @@ class EDropout:
         device once (the convergence read, which also carries the batch check and the previous step's loss); the
         loss is judged on the device by the fused update (else one read by the backend), and a non-finite one is
         reported at the next read (see the class docstring)."""
-        y = check_batch(x, y, self.device)
+        y = self._checked_batch(x, y, training=True, evolving=not self.converged)
         flags = batch_flags(x, y)
         if optimizer is not self._checked_optimizer:
             check_optimizer(optimizer, self.model)
             self._checked_optimizer = optimizer
-        if self.parallelism is not None:
-            self.parallelism.check_batch(x, training=True)
-            if self.ddp is None:
-                raise ValueError(f"distributed EDropout ({self.parallelism.world_size} ranks) trains through "
-                                 f"DistributedDataParallel, which averages the ranks' gradients: build the pruner "
-                                 f"on DistributedDataParallel(model) instead of the bare model")
+        if self.parallelism is not None and self.ddp is None:
+            raise ValueError(f"distributed EDropout ({self.parallelism.world_size} ranks) trains through "
+                             f"DistributedDataParallel, which averages the ranks' gradients: build the pruner "
+                             f"on DistributedDataParallel(model) instead of the bare model")
         if not self.converged:
             problem = self._evolve(x, y.clamp(0, self.num_classes - 1), flags)
         else:

@@ -301,12 +301,17 @@ def worker(rank, world, store, results):
 
 
 def _spoiled(x, y, how):
-    """The batch with one NaN input ("nan") or one label past the 10 classes ("label")."""
+    """The batch with one NaN input ("nan"), one label past the 10 classes ("label"), no rows ("empty") or one
+    label fewer than inputs ("shape")."""
     x, y = x.clone(), y.clone()
     if how == "nan":
         x.view(-1)[3] = float("nan")
-    else:
+    elif how == "label":
         y[0] = 10
+    elif how == "empty":
+        x, y = x[:0], y[:0]
+    else:
+        y = y[:-1]
     return x, y
 
 
@@ -336,7 +341,11 @@ def bad_batch_case(rank, world, parallel, how, call, bad_rank):
 
 
 BAD_BATCHES = [("population", "nan", "step", 1), ("data", "label", "step", 1), ("data", "nan", "converged", 0),
-               ("population", "nan", "energies", 1)]
+               ("population", "nan", "energies", 1), ("data", "shape", "step", 1), ("population", "empty", "step", 0),
+               ("data", "empty", "converged", 1), ("population", "shape", "energies", 0)]
+#: What the rank with the bad batch says, by kind of problem (the other ranks say "another rank's batch ...").
+OWN_ERRORS = {"nan": "x holds 1 non-finite values", "label": "labels must lie in [0, 10)",
+              "empty": "the batch is empty", "shape": "x and y must have the same batch size"}
 
 
 def bad_batch_worker(rank, world, store, results):

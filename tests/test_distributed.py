@@ -235,9 +235,9 @@ def test_snake_layout_deals_every_member_once_and_balances_sorted_costs(count, w
     assert float(work.max() - work.min()) <= float(costs[0])  # within one member of each other
 
 
-def test_a_bad_batch_on_one_rank_stops_every_rank_with_a_clear_error(tmp_path):
-    # without the verdicts in the collectives the bad rank raised alone and the others waited for it in DDP's
-    # all-reduce: the group's 30 s timeout (and the join deadline here) turn such a hang into a failure
+def test_a_bad_or_malformed_batch_on_one_rank_stops_every_rank_with_a_clear_error(tmp_path):
+    # without the verdicts in the collectives the bad rank raised alone and the others waited for it in their next
+    # collective: the group's 30 s timeout (and the join deadline here) turn such a hang into a failure
     context = mp.start_processes(cases.bad_batch_worker, args=(WORLD, str(tmp_path / "store"), str(tmp_path)),
                                  nprocs=WORLD, join=False, start_method="spawn")
     deadline = time.monotonic() + 120
@@ -253,9 +253,11 @@ def test_a_bad_batch_on_one_rank_stops_every_rank_with_a_clear_error(tmp_path):
             assert together == 2 * number, f"rank {r} left the other ranks behind after {parallel}/{how}/{call}"
             assert found is not None, f"rank {r} went on after a bad batch on rank {bad} ({parallel}/{how}/{call})"
             kind, message = found
-            assert kind == ("ValueError" if how == "label" else "NonFiniteError"), message
+            assert kind == ("NonFiniteError" if how == "nan" else "ValueError"), message
             if r == bad:
-                assert ("labels must lie in [0, 10)" if how == "label" else "x holds 1 non-finite values") in message
+                assert cases.OWN_ERRORS[how] in message
             else:
-                assert ("another rank's batch has labels outside [0, 10)" if how == "label" else
-                        "another rank's batch holds non-finite values") in message
+                assert {"label": "another rank's batch has labels outside [0, 10)",
+                        "nan": "another rank's batch holds non-finite values",
+                        "empty": "another rank's batch is malformed",
+                        "shape": "another rank's batch is malformed"}[how] in message

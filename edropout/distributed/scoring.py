@@ -50,7 +50,7 @@ class StateCheck:
             f"step()/energies() together, with the same batch in parallel='population' mode")
 
 
-NO_VERDICT = (0.0, 0.0)  # what a call without a batch verdict contributes (``checks.batch_verdict``: all fine)
+NO_VERDICT = (0.0, 0.0, 0.0)  # what a call without a batch verdict contributes (``checks.batch_verdict``: all fine)
 
 
 def _verdict(verdict, device) -> torch.Tensor:
@@ -60,22 +60,30 @@ def _verdict(verdict, device) -> torch.Tensor:
 
 class DataParallelScorer:
     """Data-parallel: every rank scores all states on its own shard; per-member energy sums and the sample count
-    are all-reduced (one all-reduce of N + 5 float64 values, with the hash and the batch verdicts), so each rank
+    are all-reduced (one all-reduce of N + 6 float64 values, with the hash and the batch verdicts), so each rank
     gets the global batch's mean energies."""
 
     def __init__(self, local_score, group, check: StateCheck):
         self.local_score, self.group, self.check = local_score, group, check
 
     def score(self, states: torch.Tensor, x: torch.Tensor, y: torch.Tensor, verdict=None):
-        """(energies [N] of ``states`` on the union of all ranks' batches, the ranks' summed batch verdicts [2]):
+        """(energies [N] of ``states`` on the union of all ranks' batches, the ranks' summed batch verdicts [3]):
         ``verdict`` is this rank's ``checks.batch_verdict`` (None: nothing to report)."""
         local = self.local_score(states, x, y)
         rows = float(x.shape[0])
-        count = torch.full((1,), rows, dtype=torch.float64, device=local.device)
-        hashed = self.check.value.to(local.device)
-        buffer = torch.cat([local.double() * rows, count, hashed, hashed * hashed, _verdict(verdict, local.device)])
+        return self._reduce(local.double() * rows, rows, verdict)
+
+    def abstain(self, count: int, verdict: torch.Tensor) -> None:
+        """Take part in the collective of the others' ``score`` of ``count`` states without scoring (this rank's
+        batch is malformed): no samples, and ``verdict`` (``checks.MALFORMED_VERDICT``) stops the other ranks."""
+        self._reduce(torch.zeros(count, dtype=torch.float64, device=verdict.device), 0.0, verdict)
+
+    def _reduce(self, sums: torch.Tensor, rows: float, verdict):
+        count = torch.full((1,), rows, dtype=torch.float64, device=sums.device)
+        hashed = self.check.value.to(sums.device)
+        buffer = torch.cat([sums, count, hashed, hashed * hashed, _verdict(verdict, sums.device)])
         dist.all_reduce(buffer, group=self.group)
-        n = states.shape[0]
+        n = sums.shape[0]
         self.check.verify_sums(buffer[n + 1], buffer[n + 2], dist.get_world_size(self.group))
         return (buffer[:n] / buffer[n]).float(), buffer[n + 3:]
 
@@ -104,8 +112,8 @@ def labels_fingerprint(y: torch.Tensor) -> torch.Tensor:
 class PopulationParallelScorer:
     """Population-parallel: every rank scores its share of the states on the whole batch (at most ceil(N/W)
     states, dealt by estimated cost so that the ranks finish together), and the energies are all-gathered (one
-    all-gather of ceil(N/W) + 4 float64 per rank: the energies, the best-state hash, a fingerprint of the
-    batch's labels, since every rank must hold the same batch, and the batch verdict)."""
+    all-gather of ceil(N/W) + 5 float64 per rank: the energies, the best-state hash, a fingerprint of the
+    batch's labels, since every rank must hold the same batch, and the batch verdicts)."""
 
     def __init__(self, local_score, group, check: StateCheck, cost=None):
         self.local_score, self.group, self.check = local_score, group, check
@@ -114,27 +122,18 @@ class PopulationParallelScorer:
 
     def score(self, states: torch.Tensor, x: torch.Tensor, y: torch.Tensor, verdict=None):
         """(energies [N] of ``states`` on the batch, every member scored by exactly one rank, the ranks' summed
-        batch verdicts [2]): ``verdict`` is this rank's ``checks.batch_verdict`` (None: nothing to report)."""
-        world, rank = dist.get_world_size(self.group), dist.get_rank(self.group)
+        batch verdicts [3]): ``verdict`` is this rank's ``checks.batch_verdict`` (None: nothing to report)."""
         n = states.shape[0]
-        if n not in self._layouts:
-            self._layouts[n] = snake_layout(n, world)
-        layout = self._layouts[n]
+        layout = self._layout(n)
         per = layout.shape[1]
         costly_first = (torch.arange(n, device=states.device) if self.cost is None else
                         torch.argsort(self.cost(states), descending=True, stable=True))
-        mine = layout[rank][layout[rank] >= 0]
-        chunk = torch.full((per + 4,), float("inf"), dtype=torch.float64, device=states.device)
+        mine = layout[dist.get_rank(self.group)]
+        mine = mine[mine >= 0]
+        chunk = torch.full((per + 5,), float("inf"), dtype=torch.float64, device=states.device)
         if len(mine):
             chunk[:len(mine)] = self.local_score(states[costly_first[mine.to(states.device)]], x, y).double()
-        chunk[per] = self.check.value.to(chunk.device)[0]
-        chunk[per + 1] = labels_fingerprint(y)
-        chunk[per + 2:] = _verdict(verdict, chunk.device)
-        everyone = [torch.empty_like(chunk) for _ in range(world)]
-        dist.all_gather(everyone, chunk, group=self.group)
-        table = torch.stack(everyone)
-        self.check.verify(table[:, per])
-        everywhere = table[:, per + 2:].sum(dim=0)
+        table, everywhere = self._gather(chunk, per, labels_fingerprint(y), verdict)
         # a bad batch on some rank (a label out of range changes the fingerprint) is reported by the pruner instead
         if not bool((table[:, per + 1] == table[0, per + 1]).all() | (everywhere > 0).any()):
             raise ValueError("parallel='population' scores every member on the whole batch, but the ranks hold "
@@ -145,3 +144,27 @@ class PopulationParallelScorer:
         energies = torch.empty(n, dtype=torch.float64, device=states.device)
         energies[costly_first[dealt.to(states.device)[filled]]] = table[:, :per].flatten()[filled]
         return energies.float(), everywhere
+
+    def abstain(self, count: int, verdict: torch.Tensor) -> None:
+        """Take part in the collective of the others' ``score`` of ``count`` states without scoring (this rank's
+        batch is malformed): ``verdict`` (``checks.MALFORMED_VERDICT``) stops the other ranks."""
+        per = self._layout(count).shape[1]
+        chunk = torch.full((per + 5,), float("inf"), dtype=torch.float64, device=verdict.device)
+        self._gather(chunk, per, 0.0, verdict)
+
+    def _layout(self, count: int) -> torch.Tensor:
+        if count not in self._layouts:
+            self._layouts[count] = snake_layout(count, dist.get_world_size(self.group))
+        return self._layouts[count]
+
+    def _gather(self, chunk: torch.Tensor, per: int, fingerprint, verdict):
+        """All-gather ``chunk`` (this rank's energies in its first ``per`` entries) with the best-state hash, the
+        labels' ``fingerprint`` and ``verdict`` appended: (the table [W, per + 5], the summed verdicts [3])."""
+        chunk[per] = self.check.value.to(chunk.device)[0]
+        chunk[per + 1] = fingerprint
+        chunk[per + 2:] = _verdict(verdict, chunk.device)
+        everyone = [torch.empty_like(chunk) for _ in range(dist.get_world_size(self.group))]
+        dist.all_gather(everyone, chunk, group=self.group)
+        table = torch.stack(everyone)
+        self.check.verify(table[:, per])
+        return table, table[:, per + 2:].sum(dim=0)
