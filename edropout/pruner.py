@@ -255,13 +255,22 @@ class EDropout:
 
     def _read_batch_problem(self, x, flags):
         """``_batch_problem`` of the batch's unread ``flags``, read with the last step's loss; across ranks after
-        one all-reduce of the ranks' batch verdicts (2 values), so that every rank judges every batch."""
-        if self.parallelism is None:
-            return self._batch_problem(self._read_settling(*flags), x)
-        everywhere = batch_verdict(flags, x, self.num_classes)
-        dist.all_reduce(everywhere, group=self.parallelism.group)
-        *flags_host, everywhere_host = self._read_settling(*flags, everywhere)
-        return self._batch_problem(flags_host, x, everywhere_host)
+        one all-reduce of the ranks' batch verdicts (3 values), so that every rank judges every batch."""
+        everywhere = None
+        if self.parallelism is not None:
+            everywhere = batch_verdict(flags, x, self.num_classes)
+            dist.all_reduce(everywhere, group=self.parallelism.group)
+        return self._read_judged(x, flags, everywhere)[1]
+
+    def _read_judged(self, x, flags, everywhere, *tensors):
+        """(host copies of ``tensors``, the batch's problem) in one read (``_read_settling``): ``_batch_problem``
+        of its unread ``flags`` and, across ranks, of ``everywhere``, the ranks' summed verdicts (None: not
+        distributed); no problem without ``flags``."""
+        extra = [] if everywhere is None else [everywhere]
+        values = self._read_settling(*tensors, *(flags or ()), *extra)
+        host, flags_host = values[:len(tensors)], values[len(tensors):]
+        everywhere_host = flags_host.pop() if extra else None
+        return host, (self._batch_problem(flags_host, x, everywhere_host) if flags_host else None)
 
     def _batch_problem(self, flags_host, x, everywhere=None):
         """What is wrong with this rank's batch (``checks.batch_problem``; labels out of range raise), else, given
@@ -381,11 +390,8 @@ class EDropout:
         # this host copy without waiting again), its energy, the batch's value checks (scoring changed no weight,
         # so a bad batch is still refused before any change) and the last step's loss
         try:
-            extra = [] if verdict is None else [everywhere]
-            best_host, best_energy, *flags_host = self._read_settling(best, energies.index_select(0, index),
-                                                                      *(flags or ()), *extra)
-            everywhere_host = flags_host.pop() if extra else None
-            problem = self._batch_problem(flags_host, x, everywhere_host) if flags_host else None
+            (best_host, best_energy), problem = self._read_judged(x, flags, None if verdict is None else everywhere,
+                                                                  best, energies.index_select(0, index))
         except Exception:
             self.generator.set_state(generator_state)
             raise
