@@ -36,38 +36,45 @@ def test_kept_first_orders_match_per_layer_definition():
 
 
 @pytest.mark.parametrize("channels_last", [False, True])
-def test_gather_kept_activations_writes_kept_channels_then_zeros(channels_last):
-    gen = torch.Generator().manual_seed(2)
-    members, batch, channels = 3, 2, 70
-    x = nonzero_randn(members * batch, channels, 3, 5, gen=gen)
-    if channels_last:
+@pytest.mark.parametrize("batch,spatial", [(2, (3, 5)), (37, (2, 2)), (5, ()), (3, (7, 9))])
+def test_gather_kept_activations_writes_kept_channels_then_zeros(channels_last, batch, spatial):
+    """Maps of 15, 4, 1 and 63 taps: one program takes several images (a partial block at the end of a member's
+    images when ``batch`` is not a multiple of the rows per program) or several tap blocks of one image."""
+    gen = torch.Generator().manual_seed(2 + batch)
+    members, channels = 3, 70
+    x = nonzero_randn(members * batch, channels, *spatial, gen=gen)
+    if channels_last and spatial:
         x = x.contiguous(memory_format=torch.channels_last)
     keep = make_keep("none1", members, channels, gen)
     out = gather_kept_activations(x, ek.kept_first_order(keep), members)
     pad = padded_channels(channels)
-    assert out.shape == (members * batch, 3, 5, pad) and pad % 64 == 0
+    assert out.shape == (members * batch, *spatial, pad) and pad % 64 == 0
     for s in range(members):
         kept = keep[s].nonzero().flatten()
         n = kept.numel()
         rows = slice(s * batch, (s + 1) * batch)
-        assert torch.equal(out[rows, :, :, :n], x[rows][:, kept].permute(0, 2, 3, 1))
+        assert torch.equal(out[rows, ..., :n], x[rows][:, kept].movedim(1, -1))
         end = min(pad, (n + GATHER_BLOCK_J - 1) // GATHER_BLOCK_J * GATHER_BLOCK_J)
-        assert (out[rows, :, :, n:end] == 0).all(), "zeros after the kept channels up to the gather block"
+        assert (out[rows, ..., n:end] == 0).all(), "zeros after the kept channels up to the gather block"
 
 
-def test_gather_kept_weights_orders_kept_outputs_and_inputs_first():
-    gen = torch.Generator().manual_seed(3)
-    members, n_out, n_in = 4, 9, 20
-    w = nonzero_randn(n_out, n_in, 3, 2, gen=gen)
+@pytest.mark.parametrize("n_out,n_in,taps", [(9, 20, (3, 2)), (70, 37, ()), (45, 90, (1, 1)), (37, 5, (3, 3))])
+def test_gather_kept_weights_orders_kept_outputs_and_inputs_first(n_out, n_in, taps):
+    """Linear and 1x1 weights (32 output rows per program, kept rows ending inside a block), 3x3 and 3x2 taps."""
+    gen = torch.Generator().manual_seed(3 + n_out)
+    members = 4
+    w = nonzero_randn(n_out, n_in, *taps, gen=gen)
     keep_in = make_keep("random", members, n_in, gen)
     keep_out = make_keep("none1", members, n_out, gen)
     out = gather_kept_weights(w, ek.kept_first_order(keep_in), ek.kept_first_order(keep_out))
-    assert out.shape == (members, n_out, 6, padded_channels(n_in))
+    n_taps = w[0, 0].numel()
+    assert out.shape == (members, n_out, n_taps, padded_channels(n_in))
     for s in range(members):
         rows, cols = keep_out[s].nonzero().flatten(), keep_in[s].nonzero().flatten()
-        expect = w[rows][:, cols].reshape(rows.numel(), cols.numel(), 6).transpose(1, 2)
+        expect = w[rows][:, cols].reshape(rows.numel(), cols.numel(), n_taps).transpose(1, 2)
         assert torch.equal(out[s, :rows.numel(), :, :cols.numel()], expect)
-        assert (out[s, :rows.numel(), :, cols.numel():padded_channels(n_in)] == 0).all()
+        end = min(padded_channels(n_in), (cols.numel() + GATHER_BLOCK_J - 1) // GATHER_BLOCK_J * GATHER_BLOCK_J)
+        assert (out[s, :rows.numel(), :, cols.numel():end] == 0).all()
 
 
 @pytest.mark.parametrize("block_m,block_k", [(16, 16), (32, 32), (64, 16)])
