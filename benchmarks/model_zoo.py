@@ -2,7 +2,8 @@
 definitions written here, and what Torch-Pruning's own magnitude pruner does on the same model.
 
 For every model (one subprocess each, with a hard memory cap and a timeout, results cached per model so a run
-resumes), on a small input (64×64 where the model accepts it, batch 4, 10 classes):
+resumes), on a small input (64×64 where the model accepts it, batch 4, 10 classes; a Linear layer that its
+constructor zeroes, torchvision's ViT head, gets seeded random weights, else every logit is 0 and no check can fail):
 - construction: seconds, units D, whether torch-pruning traced the model, warnings;
 - energies of S = 4 states on every backend (reference, batched, compact) against an independent masked forward
   written below: every BatchNorm (subclasses included) normalising with the state's own batch statistics, every
@@ -17,6 +18,8 @@ resumes), on a small input (64×64 where the model accepts it, batch 4, 10 class
 - kept-channel training (``CompactBackend.kept_channel_logits``) against the masked dense forward in float64 on two rows:
   logits, gradients and the random state after the call, with every module in train mode and (where the model
   has any) with dropout-like modules in eval;
+  ``--recheck-kept`` reruns only the settings that are not ok, each model alone in a fresh process, under
+  ``--kept-seconds`` and ``--memory-gib`` (recorded in the entry and named under the table);
 - training after ``finalize()``: steps of the exported network give a finite loss;
 - Torch-Pruning's ``MagnitudePruner`` (L1, 50 % channels, the classifier ignored) under the same time and memory
   budget as EDropout's grouping: the parameter share it removes, or its error.
@@ -89,10 +92,25 @@ def build(source, name, kwargs):
     if source == "torchvision":
         import torchvision
 
-        return getattr(torchvision.models, name)(num_classes=CLASSES, **kwargs)
+        return random_zero_linears(getattr(torchvision.models, name)(num_classes=CLASSES, **kwargs))
     import timm
 
-    return timm.create_model(name, pretrained=False, num_classes=CLASSES, **kwargs)
+    return random_zero_linears(timm.create_model(name, pretrained=False, num_classes=CLASSES, **kwargs))
+
+
+def random_zero_linears(model):
+    """Give every Linear layer whose weight its constructor set to zero (torchvision's ViT head) seeded normal
+    weights (std 0.02): with a zero head every logit is 0 whatever the input and mask, and so every energy, export
+    and gradient check on the model would pass whatever the code computed."""
+    import torch
+    import torch.nn as nn
+
+    g = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for m in model.modules():
+            if isinstance(m, nn.Linear) and not m.weight.any():
+                m.weight.copy_(torch.randn(m.weight.shape, generator=g) * 0.02)
+    return model
 
 
 # ----- independent definitions (nothing from edropout's scoring code) ----------------------------------------------
@@ -373,20 +391,40 @@ def recheck_triton(source, name, kwargs, side, path: Path, seconds: int, mode: s
     path.write_text(json.dumps(row, indent=1))
 
 
-def kept_channel_check(model, units, state, x, y) -> dict:
+def kept_channel_check(model, units, state, x, y, seconds: int = BACKEND_SECONDS, only=None) -> dict:
     """``CompactBackend.kept_channel_logits`` vs the masked dense forward (float64): max relative differences of logits and
     gradients, equal random states; all modules in train mode, then dropout-like modules in eval mode, each mode
-    setting under its own limit of BACKEND_SECONDS."""
+    setting under its own limit of ``seconds`` (``only``: just these mode settings)."""
     result = {}
     drops = [n for n, m in model.named_modules()
              if "drop" in type(m).__name__.lower() or "stochasticdepth" in type(m).__name__.lower()]
     for modes in ("train", "drops_in_eval") if drops else ("train",):
+        if only is not None and modes not in only:
+            continue
         try:
-            result[modes] = limited(BACKEND_SECONDS, lambda: kept_channel_mode(model, units, state, x, y,
-                                                                               drops if modes == "drops_in_eval" else []))
+            result[modes] = limited(seconds, lambda: kept_channel_mode(model, units, state, x, y,
+                                                                       drops if modes == "drops_in_eval" else []))
         except Exception as exc:
             result[modes] = {"error": short(exc)}
     return result
+
+
+def recheck_kept(source, name, kwargs, side, path: Path, seconds: int, memory_gib: float) -> None:
+    """Rerun the kept-channel training settings of the cached row at ``path`` that are not ok, in this fresh process,
+    on the full run's model, state (population member 1) and two rows (asserted on the units); the limits they ran
+    under are recorded in the row."""
+    row = json.loads(path.read_text())
+    model, x, y, pruner, _, _ = setup(source, name, kwargs, side)
+    if pruner.units.num_units != row["units"]:
+        raise RuntimeError(f"{source}/{name}: {pruner.units.num_units} units, the cached row has {row['units']}")
+    kept = row.setdefault("kept_channel_training", {})
+    for mode in [m for m, v in kept.items() if not v.get("ok")]:
+        start = time.perf_counter()
+        entry = kept_channel_check(model, pruner.units, pruner.population[1].clone(), x[:2], y[:2], seconds, {mode})[mode]
+        entry["rerun"] = {"limit_s": seconds, "memory_cap_gib": memory_gib,
+                          "seconds": round(time.perf_counter() - start, 1)}
+        kept[mode] = entry
+    path.write_text(json.dumps(row, indent=1))
 
 
 def kept_channel_mode(model, units, state, x, y, eval_modules) -> dict:
@@ -453,8 +491,8 @@ def torch_pruning_check(model, x, classifier, budget, BudgetExceeded) -> dict:
 
 
 # ----- the driver --------------------------------------------------------------------------------------------------
-def cap_memory():
-    resource.setrlimit(resource.RLIMIT_AS, (MEMORY_CAP, MEMORY_CAP))
+def cap_memory(cap: int = MEMORY_CAP):
+    resource.setrlimit(resource.RLIMIT_AS, (cap, cap))
 
 
 def run_all(names, cache: Path, run: bool = True, timeout: int = TIMEOUT, triton_seconds: int = TRITON_SECONDS) -> list:
@@ -514,6 +552,45 @@ def recheck_all(names, cache: Path, timeout: int, triton_seconds: int, mode: str
         print(f"  {time.time() - start:.0f} s: {json.loads(path.read_text())['energies']['triton']}", flush=True)
 
 
+def recheck_kept_all(names, cache: Path, timeout: int, seconds: int, memory_gib: float) -> None:
+    """``recheck_kept`` on every selected cached row with a kept-channel training setting that is not ok, one fresh
+    subprocess per model under a ``memory_gib`` address-space cap; the cache is updated row by row."""
+    for source, name, kwargs, side in MODELS:
+        key = f"{source}__{name}"
+        path = cache / f"{key}.json"
+        if (names and name not in names and key not in names) or not path.exists():
+            continue
+        row = json.loads(path.read_text())
+        if "crash" in row or all(v.get("ok") for v in row.get("kept_channel_training", {}).values()):
+            continue
+        print(f"{source}/{name} (kept-channel training, {seconds} s, {memory_gib:g} GiB) ...", flush=True)
+        start = time.time()
+        cap = int(memory_gib * 2 ** 30)
+        try:
+            proc = subprocess.run([sys.executable, __file__, "--one", source, name, "--json", str(path),
+                                   "--kept-seconds", str(seconds), "--memory-gib", str(memory_gib), "--recheck-kept"],
+                                  preexec_fn=lambda: cap_memory(cap), capture_output=True, text=True, timeout=timeout)
+            failure = "" if proc.returncode == 0 else \
+                f"exit {proc.returncode}: {' | '.join((proc.stderr or proc.stdout).strip().splitlines()[-3:])}"
+        except subprocess.TimeoutExpired:
+            failure = f"timeout after {timeout} s"
+        if failure:
+            print(f"  failed: {failure[:400]}", flush=True)
+        print(f"  {time.time() - start:.0f} s: {json.loads(path.read_text())['kept_channel_training']}", flush=True)
+
+
+def _rerun_limits(rows) -> str:
+    """A sentence naming the kept-channel training settings rerun in a fresh process under other limits, or ''."""
+    reruns = {}
+    for r in rows:
+        for mode, v in r.get("kept_channel_training", {}).items():
+            if "rerun" in v:
+                limits = (v["rerun"]["limit_s"], v["rerun"]["memory_cap_gib"])
+                reruns.setdefault(limits, []).append(f"{r['model']} {mode}")
+    return "".join(f" Kept-channel training rerun alone in a fresh process with a {s} s limit and a {g:g} GiB cap: "
+                   f"{', '.join(names)}." for (s, g), names in sorted(reruns.items()))
+
+
 def _limit(check) -> str:
     """'t/o' or 'mem' when a check hit the benchmark's own time or memory limit, '' otherwise."""
     error = (check or {}).get("error", "")
@@ -546,7 +623,8 @@ def verdict(row) -> str:
 def markdown(rows, meta) -> str:
     lines = [f"# EDropout on torchvision and timm models ({meta['date']})", "",
              f"`{meta['command']}` on {meta['machine']}; torch {meta['torch']}, torchvision {meta['torchvision']}, "
-             f"timm {meta['timm']}; random weights, batch {BATCH}, S = {STATES}, memory cap "
+             f"timm {meta['timm']}; random weights (a Linear its constructor zeroes, torchvision ViT's head: seeded normal, "
+             f"std 0.02), batch {BATCH}, S = {STATES}, memory cap "
              f"{MEMORY_CAP / 2 ** 30:.0f} GiB per model. Construct seconds at normal priority on a shared machine "
              f"(noisy). Energies: max |E − E_indep| / (1 + |E_indep|) over the states, per backend "
              f"(ref / batched / compact: {STATES} states on {BATCH} rows, BatchNorm with each state's batch "
@@ -578,7 +656,7 @@ def markdown(rows, meta) -> str:
     lines += ["", "`*`: the backend warned (e.g. a fallback); the warnings are in model_zoo.json. `t/o`: the check ran "
               f"past the benchmark's limit (for the triton interpreter {_triton_limits(rows)}, {BACKEND_SECONDS} s "
               f"otherwise); `mem`: past the {MEMORY_CAP / 2 ** 30:.0f} GiB cap; `err`: the error is in "
-              "model_zoo.json. `–`: not applicable (no dropout-like module)."]
+              "model_zoo.json. `–`: not applicable (no dropout-like module)." + _rerun_limits(rows)]
     return "\n".join(lines) + "\n"
 
 
@@ -640,6 +718,14 @@ def main():
     parser.add_argument("--recheck-triton", action="store_true",
                         help="rerun only the triton check on the selected cached models whose triton entry is not "
                              "ok, then write the tables from every cached model")
+    parser.add_argument("--recheck-kept", action="store_true",
+                        help="rerun only the kept-channel training settings that are not ok on the selected cached "
+                             "models, each model alone in a fresh process, then write the tables from every cached "
+                             "model")
+    parser.add_argument("--kept-seconds", type=int, default=BACKEND_SECONDS,
+                        help="limit of each kept-channel training setting in --recheck-kept")
+    parser.add_argument("--memory-gib", type=float, default=MEMORY_CAP / 2 ** 30,
+                        help="address-space cap of each model's process in --recheck-kept")
     args = parser.parse_args()
     if args.one:
         source, name = args.one
@@ -647,13 +733,19 @@ def main():
         if args.recheck_triton:
             recheck_triton(*spec, Path(args.json), args.triton_seconds, args.triton_mode)
             return
+        if args.recheck_kept:
+            recheck_kept(*spec, Path(args.json), args.kept_seconds, args.memory_gib)
+            return
         row = run_one(*spec, triton_seconds=args.triton_seconds, triton_mode=args.triton_mode)
         Path(args.json).write_text(json.dumps(row, indent=1))
         return
     if args.recheck_triton:
         recheck_all(set(args.models), Path(args.cache), args.timeout, args.triton_seconds, args.triton_mode)
-    rows = run_all(set(args.models) if not args.recheck_triton else set(), Path(args.cache),
-                   run=not (args.report_only or args.recheck_triton), timeout=args.timeout,
+    if args.recheck_kept:
+        recheck_kept_all(set(args.models), Path(args.cache), args.timeout, args.kept_seconds, args.memory_gib)
+    recheck = args.recheck_triton or args.recheck_kept
+    rows = run_all(set(args.models) if not recheck else set(), Path(args.cache),
+                   run=not (args.report_only or recheck), timeout=args.timeout,
                    triton_seconds=args.triton_seconds)
     import timm
     import torch
