@@ -473,10 +473,10 @@ def torch_pruning_check(model, x, classifier, budget, BudgetExceeded) -> dict:
     import torch
     import torch_pruning as tp
 
-    net = copy.deepcopy(model).eval()
-    head = dict(net.named_modules())[classifier]
-    before = parameters(net)
-    try:
+    try:  # the copy too: a MemoryError here is this check's result, not the loss of the model's whole row
+        net = copy.deepcopy(model).eval()
+        head = dict(net.named_modules())[classifier]
+        before = parameters(net)
         with budget(300, 2 * 2 ** 30) as guard:
             pruner = tp.pruner.MagnitudePruner(net, x[:2], importance=tp.importance.MagnitudeImportance(p=1),
                                                pruning_ratio=0.5, ignored_layers=[head])
