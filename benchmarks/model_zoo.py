@@ -34,7 +34,7 @@ torch runs on CPU):
         safetensors huggingface_hub && .venv-zoo/bin/pip install --no-deps -e .
     PYTHONPATH=$PWD .venv-zoo/bin/python benchmarks/model_zoo.py      # -> results/model_zoo.{json,md}
 
-Construct times are measured at normal priority on a shared machine (not under ``quiet``): they are noisy.
+Construct times are measured at normal priority on a shared machine (other jobs not paused): they are noisy.
 """
 from __future__ import annotations
 
@@ -495,8 +495,10 @@ def cap_memory(cap: int = MEMORY_CAP):
     resource.setrlimit(resource.RLIMIT_AS, (cap, cap))
 
 
-def run_all(names, cache: Path, run: bool = True, timeout: int = TIMEOUT, triton_seconds: int = TRITON_SECONDS) -> list:
-    """Rows of the selected models, each from the cache or (``run``) from a fresh subprocess."""
+def run_all(names, cache: Path, run: bool = True, timeout: int = TIMEOUT, triton_seconds: int = TRITON_SECONDS,
+            memory_cap: int = MEMORY_CAP) -> list:
+    """Rows of the selected models, each from the cache or (``run``) from a fresh subprocess under ``memory_cap``
+    bytes of address space (recorded in the row when it is not ``MEMORY_CAP``)."""
     cache.mkdir(parents=True, exist_ok=True)
     rows = []
     for source, name, kwargs, side in MODELS:
@@ -512,11 +514,16 @@ def run_all(names, cache: Path, run: bool = True, timeout: int = TIMEOUT, triton
             try:
                 proc = subprocess.run([sys.executable, __file__, "--one", source, name, "--json", str(path),
                                        "--triton-seconds", str(triton_seconds)],
-                                      preexec_fn=cap_memory, capture_output=True, text=True, timeout=timeout)
+                                      preexec_fn=lambda: cap_memory(memory_cap), capture_output=True, text=True,
+                                      timeout=timeout)
                 if not path.exists():
                     tail = (proc.stderr or proc.stdout).strip().splitlines()[-3:]
                     row = {"model": f"{source}/{name}", "crash": f"exit {proc.returncode} (memory cap "
-                           f"{MEMORY_CAP / 2 ** 30:.0f} GiB, {timeout} s): {' | '.join(tail)}"}
+                           f"{memory_cap / 2 ** 30:.0f} GiB, {timeout} s): {' | '.join(tail)}"}
+                    path.write_text(json.dumps(row, indent=1))
+                elif memory_cap != MEMORY_CAP:
+                    row = json.loads(path.read_text())
+                    row["memory_cap_gib"] = memory_cap / 2 ** 30
                     path.write_text(json.dumps(row, indent=1))
             except subprocess.TimeoutExpired:
                 path.write_text(json.dumps({"model": f"{source}/{name}", "crash": f"timeout after {timeout} s"}))
@@ -580,15 +587,21 @@ def recheck_kept_all(names, cache: Path, timeout: int, seconds: int, memory_gib:
 
 
 def _rerun_limits(rows) -> str:
-    """A sentence naming the kept-channel training settings rerun in a fresh process under other limits, or ''."""
+    """Sentences naming the kept-channel training settings rerun in a fresh process under other limits and the
+    rows run under another memory cap, or ''."""
     reruns = {}
     for r in rows:
         for mode, v in r.get("kept_channel_training", {}).items():
             if "rerun" in v:
                 limits = (v["rerun"]["limit_s"], v["rerun"]["memory_cap_gib"])
                 reruns.setdefault(limits, []).append(f"{r['model']} {mode}")
+    caps = {}
+    for r in rows:
+        if "memory_cap_gib" in r:
+            caps.setdefault(r["memory_cap_gib"], []).append(r["model"])
     return "".join(f" Kept-channel training rerun alone in a fresh process with a {s} s limit and a {g:g} GiB cap: "
-                   f"{', '.join(names)}." for (s, g), names in sorted(reruns.items()))
+                   f"{', '.join(names)}." for (s, g), names in sorted(reruns.items())) + "".join(
+        f" Whole row run with a {g:g} GiB cap: {', '.join(names)}." for g, names in sorted(caps.items()))
 
 
 def _limit(check) -> str:
@@ -725,7 +738,7 @@ def main():
     parser.add_argument("--kept-seconds", type=int, default=BACKEND_SECONDS,
                         help="limit of each kept-channel training setting in --recheck-kept")
     parser.add_argument("--memory-gib", type=float, default=MEMORY_CAP / 2 ** 30,
-                        help="address-space cap of each model's process in --recheck-kept")
+                        help="address-space cap of each model's process (a run, or --recheck-kept)")
     args = parser.parse_args()
     if args.one:
         source, name = args.one
@@ -746,7 +759,7 @@ def main():
     recheck = args.recheck_triton or args.recheck_kept
     rows = run_all(set(args.models) if not recheck else set(), Path(args.cache),
                    run=not (args.report_only or recheck), timeout=args.timeout,
-                   triton_seconds=args.triton_seconds)
+                   triton_seconds=args.triton_seconds, memory_cap=int(args.memory_gib * 2 ** 30))
     import timm
     import torch
     import torchvision
