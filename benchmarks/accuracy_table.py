@@ -2,6 +2,7 @@
 status of every planned cell (a partial table says so), the floors of the config, and the plots."""
 from __future__ import annotations
 
+import itertools
 import json
 import os
 import statistics
@@ -112,7 +113,7 @@ def markdown(config, meta, table, statuses, checks, split) -> str:
 
 def plot_accuracy(config, table, path):
     """Top-1 against % of parameters kept, one marker per method, one colour per network."""
-    markers = dict(zip(config["methods"], "osD^vP*X"))
+    markers = dict(zip(config["methods"], itertools.cycle("osD^vP*Xhp<>d")))  # any number of methods
     with figure(path, (6.5, 4.5)) as (fig, ax):
         for i, (net, row) in enumerate(table.items()):
             for method, r in row.items():

@@ -118,3 +118,13 @@ def test_a_killed_cell_resumes_to_the_uninterrupted_result(tmp_path, monkeypatch
                            weights_only=True)
     for name, tensor in reference["model"].items():
         assert torch.equal(tensor, final["model"][name]), name
+
+
+def test_accuracy_plot_takes_any_number_of_methods(tmp_path):
+    # the 13-method ablation crashed the table rebuild: one marker per method ran out after 8
+    methods = {f"m{i}": {"kind": "edropout", "label": f"method {i}"} for i in range(15)}
+    table = {"resnet18": {m: {"params_removed": [50.0 + i, 0.0], "top1": [90.0 - i, 0.5]}
+                          for i, m in enumerate(methods)}}
+    path = tmp_path / "plot.png"
+    _load("accuracy_table").plot_accuracy({"methods": methods}, table, str(path))
+    assert path.stat().st_size > 0
