@@ -532,27 +532,41 @@ def run_all(names, cache: Path, run: bool = True, timeout: int = TIMEOUT, triton
     return rows
 
 
-def recheck_all(names, cache: Path, timeout: int, triton_seconds: int, mode: str) -> None:
-    """``recheck_triton`` on every selected cached row whose triton entry is not ok, one subprocess per model
-    under the memory cap; the cache is updated row by row (a failure is recorded in the triton entry)."""
+def _cached_rows(names, cache: Path):
+    """(source, name, path, row) of every selected model with a cached row that did not crash."""
     for source, name, kwargs, side in MODELS:
         key = f"{source}__{name}"
         path = cache / f"{key}.json"
         if (names and name not in names and key not in names) or not path.exists():
             continue
         row = json.loads(path.read_text())
-        if "crash" in row or row["energies"].get("triton", {}).get("ok"):
+        if "crash" not in row:
+            yield source, name, path, row
+
+
+def _rerun(source, name, path: Path, extra: list, cap: int, timeout: int) -> str:
+    """Run this script's ``--one`` on a model in a fresh process under ``cap`` bytes of address space: '' when it
+    finished, else what went wrong (its exit and last lines, or the timeout)."""
+    try:
+        proc = subprocess.run([sys.executable, __file__, "--one", source, name, "--json", str(path), *extra],
+                              preexec_fn=lambda: cap_memory(cap), capture_output=True, text=True, timeout=timeout)
+    except subprocess.TimeoutExpired:
+        return f"timeout after {timeout} s"
+    if proc.returncode == 0:
+        return ""
+    return f"exit {proc.returncode}: {' | '.join((proc.stderr or proc.stdout).strip().splitlines()[-3:])}"
+
+
+def recheck_all(names, cache: Path, timeout: int, triton_seconds: int, mode: str) -> None:
+    """``recheck_triton`` on every selected cached row whose triton entry is not ok, one subprocess per model
+    under the memory cap; the cache is updated row by row (a failure is recorded in the triton entry)."""
+    for source, name, path, row in _cached_rows(names, cache):
+        if row["energies"].get("triton", {}).get("ok"):
             continue
         print(f"{source}/{name} (triton, {mode} mode) ...", flush=True)
         start = time.time()
-        try:
-            proc = subprocess.run([sys.executable, __file__, "--one", source, name, "--json", str(path),
-                                   "--triton-seconds", str(triton_seconds), "--triton-mode", mode, "--recheck-triton"],
-                                  preexec_fn=cap_memory, capture_output=True, text=True, timeout=timeout)
-            failure = "" if proc.returncode == 0 else \
-                f"exit {proc.returncode}: {' | '.join((proc.stderr or proc.stdout).strip().splitlines()[-3:])}"
-        except subprocess.TimeoutExpired:
-            failure = f"timeout after {timeout} s"
+        failure = _rerun(source, name, path, ["--triton-seconds", str(triton_seconds), "--triton-mode", mode,
+                                              "--recheck-triton"], MEMORY_CAP, timeout)
         if failure:
             row["energies"]["triton"] = {"mode": mode, "error": failure[:400]}
             path.write_text(json.dumps(row, indent=1))
@@ -562,25 +576,13 @@ def recheck_all(names, cache: Path, timeout: int, triton_seconds: int, mode: str
 def recheck_kept_all(names, cache: Path, timeout: int, seconds: int, memory_gib: float) -> None:
     """``recheck_kept`` on every selected cached row with a kept-channel training setting that is not ok, one fresh
     subprocess per model under a ``memory_gib`` address-space cap; the cache is updated row by row."""
-    for source, name, kwargs, side in MODELS:
-        key = f"{source}__{name}"
-        path = cache / f"{key}.json"
-        if (names and name not in names and key not in names) or not path.exists():
-            continue
-        row = json.loads(path.read_text())
-        if "crash" in row or all(v.get("ok") for v in row.get("kept_channel_training", {}).values()):
+    for source, name, path, row in _cached_rows(names, cache):
+        if all(v.get("ok") for v in row.get("kept_channel_training", {}).values()):
             continue
         print(f"{source}/{name} (kept-channel training, {seconds} s, {memory_gib:g} GiB) ...", flush=True)
         start = time.time()
-        cap = int(memory_gib * 2 ** 30)
-        try:
-            proc = subprocess.run([sys.executable, __file__, "--one", source, name, "--json", str(path),
-                                   "--kept-seconds", str(seconds), "--memory-gib", str(memory_gib), "--recheck-kept"],
-                                  preexec_fn=lambda: cap_memory(cap), capture_output=True, text=True, timeout=timeout)
-            failure = "" if proc.returncode == 0 else \
-                f"exit {proc.returncode}: {' | '.join((proc.stderr or proc.stdout).strip().splitlines()[-3:])}"
-        except subprocess.TimeoutExpired:
-            failure = f"timeout after {timeout} s"
+        failure = _rerun(source, name, path, ["--kept-seconds", str(seconds), "--memory-gib", str(memory_gib),
+                                              "--recheck-kept"], int(memory_gib * 2 ** 30), timeout)
         if failure:
             print(f"  failed: {failure[:400]}", flush=True)
         print(f"  {time.time() - start:.0f} s: {json.loads(path.read_text())['kept_channel_training']}", flush=True)
