@@ -83,6 +83,32 @@ def _schedules(config) -> str:
     return "; ".join(parts)
 
 
+def comparison(config, table, split) -> list:
+    """An ablation's view: one row per method, per network its Top-1 and the change against the method that
+    ``config["compare_to"]`` names (the one every other method changes one thing of); [] without it."""
+    reference = config.get("compare_to")
+    if not reference:
+        return []
+    nets = list(table)
+    name = "test" if split == "test" else "validation"
+    lines = [f"Each change against `{reference}` ({name} Top-1, mean over the seeds done; in brackets the "
+             f"change in points):", "",
+             "| method | " + " | ".join(f"{net} w{config['networks'][net]['width']}" for net in nets) + " |",
+             "|---|" + "---|" * len(nets)]
+    for method, spec in config["methods"].items():
+        cells = []
+        for net in nets:
+            row, ref = table[net].get(method), table[net].get(reference)
+            if row is None:
+                cells.append("–")
+            elif ref is None or method == reference:
+                cells.append(f"{row['top1'][0]:.2f}")
+            else:
+                cells.append(f"{row['top1'][0]:.2f} ({row['top1'][0] - ref['top1'][0]:+.2f})")
+        lines.append(f"| {spec.get('label', method)} | " + " | ".join(cells) + " |")
+    return lines + [""]
+
+
 def markdown(config, meta, table, statuses, checks, split) -> str:
     done = sum(s == "done" for s in statuses.values())
     name = "test" if split == "test" else "validation"
@@ -103,7 +129,8 @@ def markdown(config, meta, table, statuses, checks, split) -> str:
             s = r["seeds"]
             lines.append(f"| {net} w{config['networks'][net]['width']} | {config['methods'][method].get('label', method)}"
                          f" | {len(s)} | " + " | ".join(_fmt(r[f], s) for f in FIGURES) + " |")
-    lines += ["", "Minutes are training wall-clock on a shared machine (load average per epoch in the cell files); "
+    lines += [""] + comparison(config, table, split)
+    lines += ["Minutes are training wall-clock on a shared machine (load average per epoch in the cell files); "
               "a pruning baseline's include the dense epochs before pruning.", "", "Floors (on the means):", ""]
     lines += [f"- {'not yet measurable' if ok is None else 'met' if ok else 'MISSED'}: {text}" for text, ok in checks]
     lines += ["", "Cells:", "", "| cell | status |", "|---|---|"]

@@ -128,3 +128,15 @@ def test_accuracy_plot_takes_any_number_of_methods(tmp_path):
     path = tmp_path / "plot.png"
     _load("accuracy_table").plot_accuracy({"methods": methods}, table, str(path))
     assert path.stat().st_size > 0
+
+
+def test_ablation_view_gives_each_change_against_the_reference():
+    config = {"compare_to": "base", "networks": {"a": {"width": 8}, "b": {"width": 16}},
+              "methods": {"base": {"label": "the base"}, "x": {"label": "change x"}, "y": {}}}
+    table = {"a": {"base": {"top1": (80.0, 0.0)}, "x": {"top1": (81.25, 0.5)}, "y": {"top1": (79.5, 0.0)}},
+             "b": {"base": {"top1": (70.0, 0.0)}, "y": {"top1": (72.0, 0.0)}}}
+    lines = _load("accuracy_table").comparison(config, table, "val")
+    assert "validation Top-1" in lines[0] and "`base`" in lines[0]
+    assert lines[2:7] == ["| method | a w8 | b w16 |", "|---|---|---|", "| the base | 80.00 | 70.00 |",
+                          "| change x | 81.25 (+1.25) | – |", "| y | 79.50 (-0.50) | 72.00 (+2.00) |"]
+    assert _load("accuracy_table").comparison({**config, "compare_to": None}, table, "val") == []
