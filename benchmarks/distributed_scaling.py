@@ -3,10 +3,12 @@
 
     python benchmarks/distributed_scaling.py    # on an otherwise idle machine; writes benchmarks/results/distributed_scaling.*
     python benchmarks/distributed_scaling.py --bucket-cap-mb 0.25    # DDP with smaller gradient buckets
+    python benchmarks/distributed_scaling.py --pin-cores    # rank r on core r (the 1-rank run on core 0)
 
 ``--bucket-cap-mb`` is DDP's own setting: LeNet's 0.9 MB of gradients fit in DDP's first 1 MB bucket, whose
 all-reduce then starts only after the whole backward; smaller buckets start the big fully connected layer's
-all-reduce while the convolutions' backward still runs.
+all-reduce while the convolutions' backward still runs. ``--pin-cores`` binds each rank, with the collective
+threads it starts, to its own core, as one binds ranks to cores on a CPU host; the 1-rank run gets one core too.
 
 Fixed setup: LeNet-style and ResNet-18-style nets at 28×28 grey input, global batch 128 (data mode: 64 rows per
 rank; population mode: 128 rows on every rank, training on 64), Adadelta, keep fraction k = 0.5, backend "auto",
@@ -92,7 +94,14 @@ def _collectives(members_list, rounds):
     return found
 
 
-def _rank(rank, store, nets, members_list, rounds, warmup, out, ddp_options):
+def _pin(core):
+    """Bind this process to one core (``--pin-cores``), as a launcher binds each rank to its own cores."""
+    if core is not None:
+        os.sched_setaffinity(0, {core})
+
+
+def _rank(rank, store, nets, members_list, rounds, warmup, out, ddp_options, pin):
+    _pin(rank if pin else None)
     torch.set_num_threads(1)
     dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=WORLD)
     x, y = _batch()
@@ -113,11 +122,12 @@ def _rank(rank, store, nets, members_list, rounds, warmup, out, ddp_options):
     dist.destroy_process_group()
 
 
-def two_ranks(nets, members_list, rounds, warmup, ddp_options=None):
+def two_ranks(nets, members_list, rounds, warmup, ddp_options=None, pin=False):
     """{(net, S, mode): ms} and {S: collective ms} for two gloo ranks with one thread each."""
     with tempfile.TemporaryDirectory() as tmp:
         out = os.path.join(tmp, "rank0.pt")
-        mp.spawn(_rank, args=(os.path.join(tmp, "store"), nets, members_list, rounds, warmup, out, ddp_options or {}), nprocs=WORLD)
+        mp.spawn(_rank, args=(os.path.join(tmp, "store"), nets, members_list, rounds, warmup, out, ddp_options or {}, pin),
+                 nprocs=WORLD)
         found = torch.load(out, weights_only=True)
     return found["iterations"], found["collectives"]
 
@@ -126,11 +136,12 @@ def _parameters(net):
     return sum(p.numel() for p in build_model(net, 1, SIZE, CLASSES).parameters())
 
 
-def markdown(rows, collectives, meta, command, ddp_options) -> str:
+def markdown(rows, collectives, meta, command, ddp_options, pinned=False) -> str:
     lines = ["# Distributed EDropout on CPU: 1 rank × 1 thread vs 2 ranks × 1 thread (gloo)", "",
              f"{meta['machine']}; torch {meta['torch']}; {meta['date']}; `{command}`; global batch {BATCH}, "
              f"{SIZE}×{SIZE} grey; Adadelta; k = {KEEP}; backend auto; DDP-wrapped model on 2 ranks ("
-             f"{', '.join(f'{k} = {v}' for k, v in ddp_options.items()) or 'DDP defaults'}); medians of "
+             f"{', '.join(f'{k} = {v}' for k, v in ddp_options.items()) or 'DDP defaults'}); "
+             + ("rank r bound to core r, the 1-rank run to core 0; " if pinned else "") + "medians of "
              f"the rounds, each iteration timed between barriers.", "",
              "| net | S | 1 rank ms | data 2 ranks ms | data speedup | population 2 ranks ms | population speedup |",
              "|---|---|---|---|---|---|---|"]
@@ -153,13 +164,16 @@ def main(argv=None):
     parser.add_argument("--nets", nargs="+", default=["lenet", "resnet18"])
     parser.add_argument("--bucket-cap-mb", type=float, default=None,
                         help="DDP's bucket_cap_mb on the 2 ranks (default: DDP's own)")
+    parser.add_argument("--pin-cores", action="store_true",
+                        help="bind rank r to core r, and the 1-rank run to core 0")
     parser.add_argument("--out", default=os.path.join(os.path.dirname(__file__), "results"))
     argv = sys.argv[1:] if argv is None else list(argv)
     args = parser.parse_args(argv)
     torch.set_num_threads(1)
+    _pin(0 if args.pin_cores else None)
     one = single_process(args.nets, args.members, args.rounds, args.warmup)
     ddp_options = {} if args.bucket_cap_mb is None else {"bucket_cap_mb": args.bucket_cap_mb}
-    two, collectives = two_ranks(args.nets, args.members, args.rounds, args.warmup, ddp_options)
+    two, collectives = two_ranks(args.nets, args.members, args.rounds, args.warmup, ddp_options, args.pin_cores)
     rows = []
     for net in args.nets:
         for members in args.members:
@@ -172,10 +186,10 @@ def main(argv=None):
     command = " ".join(["python benchmarks/distributed_scaling.py"] + argv)
     os.makedirs(args.out, exist_ok=True)
     with open(os.path.join(args.out, "distributed_scaling.json"), "w") as f:
-        json.dump({"meta": meta, "command": command, "ddp_options": ddp_options, "rows": rows,
+        json.dump({"meta": meta, "command": command, "ddp_options": ddp_options, "pinned": args.pin_cores, "rows": rows,
                    "collectives_ms": {str(s): {"all_reduce": c[0], "all_gather": c[1]}
                                       for s, c in collectives.items()}}, f, indent=2)
-    text = markdown(rows, collectives, meta, command, ddp_options)
+    text = markdown(rows, collectives, meta, command, ddp_options, args.pin_cores)
     with open(os.path.join(args.out, "distributed_scaling.md"), "w") as f:
         f.write(text)
     print(text)
