@@ -39,7 +39,8 @@ DEVICES = ("auto", "cpu", "cuda")
 # the files a run writes into --out: a directory holding any of them holds a run
 RUN_FILES = ("checkpoint.pt", "report.json", "history.json", "pruned_model.pt", "energy.png", "pruning.png")
 # options that may differ when a run is resumed; every other option must match the checkpoint's
-CHANGEABLE = ("epochs", "no_progress", "device", "threads", "checkpoint_every", "out", "resume", "overwrite")
+CHANGEABLE = ("epochs", "no_progress", "device", "threads", "checkpoint_every", "out", "resume", "overwrite",
+              "bind_cores")
 
 
 class _Parser(argparse.ArgumentParser):
@@ -145,6 +146,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", default="auto", choices=DEVICES, help="auto: cuda when available, else cpu")
     p.add_argument("--threads", type=POSITIVE_INT, default=None,
                    help="CPU threads (torch.set_num_threads); default torch's")
+    p.add_argument("--bind-cores", action="store_true",
+                   help="under torchrun on CPU: bind each rank to its own share of the cores, with that many "
+                        "threads unless --threads says otherwise")
     p.add_argument("--out", default="runs/edropout", help="output directory")
     p.add_argument("--checkpoint-every", type=NON_NEGATIVE_FLOAT, default=5.0,
                    help="minutes between checkpoints inside an epoch (0: after every iteration); one is also "
@@ -254,7 +258,7 @@ def prune(args, run_state=None) -> dict | None:
     device = _device(args)
     if args.threads:
         torch.set_num_threads(args.threads)
-    launch = join(device.type, args.parallel)
+    launch = join(device.type, args.parallel, args.bind_cores, args.threads)
     try:
         report = _prune(args, launch, {} if run_state is None else run_state)
     except BaseException:

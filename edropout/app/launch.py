@@ -70,9 +70,30 @@ def _device(name: str, local_rank: int) -> torch.device:
     return device
 
 
-def join(device_name: str = "auto", parallel: str = "data") -> Launch:
-    """The job described by torchrun's environment (RANK, WORLD_SIZE, LOCAL_RANK), joined with NCCL on GPUs and
-    gloo on CPU; a single process when WORLD_SIZE is absent or 1."""
+def core_share(cores, local_rank: int, local_world_size: int) -> list:
+    """The cores of ``cores`` (sorted) that local rank ``local_rank`` of ``local_world_size`` gets: consecutive
+    blocks as even as the count allows (8 cores over 3 ranks: 2, 3, 3)."""
+    cores = sorted(cores)
+    if len(cores) < local_world_size:
+        raise UserError(f"--bind-cores gives every rank a core of its own, but this machine lets the job use "
+                        f"{len(cores)} cores for {local_world_size} ranks on it; start at most {len(cores)} "
+                        f"ranks per machine (--nproc_per_node), or leave out --bind-cores")
+    return cores[local_rank * len(cores) // local_world_size:(local_rank + 1) * len(cores) // local_world_size]
+
+
+def bind_cores(local_rank: int, local_world_size: int) -> int:
+    """Bind this process, and every thread it starts from now on (the collectives' threads too), to its own share
+    of the cores it may use (``core_share``), so that ranks on one CPU host do not move between cores and slow
+    each other's collectives; returns the number of cores it got."""
+    mine = core_share(os.sched_getaffinity(0), local_rank, local_world_size)
+    os.sched_setaffinity(0, mine)
+    return len(mine)
+
+
+def join(device_name: str = "auto", parallel: str = "data", bind: bool = False, threads: int | None = None) -> Launch:
+    """The job described by torchrun's environment (RANK, WORLD_SIZE, LOCAL_RANK, LOCAL_WORLD_SIZE), joined with
+    NCCL on GPUs and gloo on CPU; a single process when WORLD_SIZE is absent or 1. ``bind`` (CPU ranks only):
+    ``bind_cores`` before joining, and ``threads`` threads (None: as many as the cores it got)."""
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
     device = _device(device_name, local_rank)
@@ -80,6 +101,9 @@ def join(device_name: str = "auto", parallel: str = "data") -> Launch:
         return Launch(0, 1, device)
     if device.type == "cuda":
         torch.cuda.set_device(device)
+    elif bind:
+        cores = bind_cores(local_rank, int(os.environ.get("LOCAL_WORLD_SIZE", world_size)))
+        torch.set_num_threads(threads or cores)
     owns_group = not dist.is_initialized()
     if owns_group:
         dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
