@@ -3,12 +3,13 @@
 
     python benchmarks/distributed_scaling.py    # on an otherwise idle machine; writes benchmarks/results/distributed_scaling.*
     python benchmarks/distributed_scaling.py --bucket-cap-mb 0.25    # DDP with smaller gradient buckets
-    python benchmarks/distributed_scaling.py --pin-cores    # rank r on core r (the 1-rank run on core 0)
+    python benchmarks/distributed_scaling.py --pin-cores    # each rank on its own cores (the 1-rank run on rank 0's)
 
 ``--bucket-cap-mb`` is DDP's own setting: LeNet's 0.9 MB of gradients fit in DDP's first 1 MB bucket, whose
 all-reduce then starts only after the whole backward; smaller buckets start the big fully connected layer's
 all-reduce while the convolutions' backward still runs. ``--pin-cores`` binds each rank, with the collective
-threads it starts, to its own core, as one binds ranks to cores on a CPU host; the 1-rank run gets one core too.
+threads it starts, to its own share of the cores, as the main job's ``--bind-cores`` does (``launch.bind_cores``);
+the 1-rank run gets rank 0's share.
 
 Fixed setup: LeNet-style and ResNet-18-style nets at 28×28 grey input, global batch 128 (data mode: 64 rows per
 rank; population mode: 128 rows on every rank, training on 64), Adadelta, keep fraction k = 0.5, backend "auto",
@@ -33,6 +34,7 @@ import torch.multiprocessing as mp
 from torch.nn.parallel import DistributedDataParallel
 
 from edropout import EDropout
+from edropout.app.launch import bind_cores
 from edropout.app.models import build_model
 from edropout.app.report import run_metadata
 
@@ -94,14 +96,9 @@ def _collectives(members_list, rounds):
     return found
 
 
-def _pin(core):
-    """Bind this process to one core (``--pin-cores``), as a launcher binds each rank to its own cores."""
-    if core is not None:
-        os.sched_setaffinity(0, {core})
-
-
 def _rank(rank, store, nets, members_list, rounds, warmup, out, ddp_options, pin):
-    _pin(rank if pin else None)
+    if pin:
+        bind_cores(rank, WORLD)
     torch.set_num_threads(1)
     dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=WORLD)
     x, y = _batch()
@@ -141,7 +138,7 @@ def markdown(rows, collectives, meta, command, ddp_options, pinned=False) -> str
              f"{meta['machine']}; torch {meta['torch']}; {meta['date']}; `{command}`; global batch {BATCH}, "
              f"{SIZE}×{SIZE} grey; Adadelta; k = {KEEP}; backend auto; DDP-wrapped model on 2 ranks ("
              f"{', '.join(f'{k} = {v}' for k, v in ddp_options.items()) or 'DDP defaults'}); "
-             + ("rank r bound to core r, the 1-rank run to core 0; " if pinned else "") + "medians of "
+             + ("each rank bound to its own share of the cores, the 1-rank run to rank 0's; " if pinned else "") + "medians of "
              f"the rounds, each iteration timed between barriers.", "",
              "| net | S | 1 rank ms | data 2 ranks ms | data speedup | population 2 ranks ms | population speedup |",
              "|---|---|---|---|---|---|---|"]
@@ -165,13 +162,17 @@ def main(argv=None):
     parser.add_argument("--bucket-cap-mb", type=float, default=None,
                         help="DDP's bucket_cap_mb on the 2 ranks (default: DDP's own)")
     parser.add_argument("--pin-cores", action="store_true",
-                        help="bind rank r to core r, and the 1-rank run to core 0")
+                        help="bind each rank to its own share of the cores (the main job's --bind-cores), and the "
+                             "1-rank run to rank 0's")
     parser.add_argument("--out", default=os.path.join(os.path.dirname(__file__), "results"))
     argv = sys.argv[1:] if argv is None else list(argv)
     args = parser.parse_args(argv)
     torch.set_num_threads(1)
-    _pin(0 if args.pin_cores else None)
+    allowed = os.sched_getaffinity(0)
+    if args.pin_cores:
+        bind_cores(0, WORLD)  # the 1-rank run gets rank 0's share
     one = single_process(args.nets, args.members, args.rounds, args.warmup)
+    os.sched_setaffinity(0, allowed)  # the ranks start from every core and take their own shares
     ddp_options = {} if args.bucket_cap_mb is None else {"bucket_cap_mb": args.bucket_cap_mb}
     two, collectives = two_ranks(args.nets, args.members, args.rounds, args.warmup, ddp_options, args.pin_cores)
     rows = []
