@@ -11,6 +11,11 @@ Methods (the config's ``methods`` maps a name to one of these kinds and its sett
   sparsity-regularised training); its per-layer ratio is searched so the share of parameters removed matches.
 - ``edropout``: EDropout from the dense network's initial weights for all ``epochs`` epochs, with the pruner
   settings given (e.g. ``init_keep`` for the paper's setting, ``target`` for a size target).
+
+A method may also set ``lr_scale`` (its peak lr is the network's times this, so one change means the same on
+networks with different optimizers) and ``networks`` (the networks it runs on, where it is not some network's
+default already). A done cell whose recorded schedule or pruner settings differ from what the config now asks
+is reported as stale, never silently counted as the config's.
 """
 from __future__ import annotations
 
@@ -34,7 +39,7 @@ from edropout.magnitude_pruning import magnitude_state_for_rate
 from edropout.pruner import EDropout
 from edropout.units import discover_units, find_classifier
 
-SCHEDULE_SETTINGS = ("optimizer", "lr", "weight_decay", "pct_start")
+SCHEDULE_SETTINGS = ("optimizer", "lr", "lr_scale", "weight_decay", "pct_start")
 HISTORY_EVERY = 10  # iterations between the EDropout history points kept in a cell's result file
 
 
@@ -63,11 +68,16 @@ class Bench:
         for method, spec in config["methods"].items():
             if spec.get("kind") not in RUNNERS:
                 raise ValueError(f"method {method!r} has kind {spec.get('kind')!r}; use one of {sorted(RUNNERS)}")
+            unknown = sorted(set(spec.get("networks", config["networks"])) - set(config["networks"]))
+            if unknown:
+                raise ValueError(f"method {method!r} names networks {unknown} the config does not have; "
+                                 f"use some of {sorted(config['networks'])}")
 
     def cells(self) -> list:
-        """Every planned cell, in the order they are run: per network and seed, dense first."""
+        """Every planned cell, in the order they are run: per network and seed, dense first; a method that names
+        its ``networks`` runs on those only."""
         return [Cell(net, method, seed) for net, spec in self.config["networks"].items() for seed in spec["seeds"]
-                for method in self.config["methods"]]
+                for method, own in self.config["methods"].items() if net in own.get("networks", [net])]
 
     def result_path(self, cell: Cell) -> str:
         return os.path.join(self.results_dir, "cells", cell.name + ".json")
@@ -88,10 +98,10 @@ class Bench:
 
     def schedule(self, net: str, spec: dict | None = None) -> dict:
         """Optimizer, peak lr, weight decay and warm-up share of a cell: the config's, overridden by the network's
-        entry and, for an ablation, by a dense or EDropout method's entry."""
+        entry and, for an ablation, by a dense or EDropout method's entry; ``lr_scale`` multiplies the peak lr."""
         merged = {**self.config, **self.config["networks"][net],
                   **{k: v for k, v in (spec or {}).items() if k in SCHEDULE_SETTINGS}}
-        return {"optimizer": merged["optimizer"], "lr": merged["lr"],
+        return {"optimizer": merged["optimizer"], "lr": merged["lr"] * merged.get("lr_scale", 1),
                 "weight_decay": merged.get("weight_decay", 1e-5), "pct_start": merged.get("pct_start", 0.3)}
 
     def optimizer_and_schedule(self, params, net: str, spec: dict | None = None):
@@ -323,7 +333,7 @@ def run_pruned_baseline(bench: Bench, cell: Cell, spec: dict) -> dict:
 
 
 # ----- EDropout ------------------------------------------------------------------------------------------------
-BENCH_SETTINGS = ("kind", "label", "min_iterations_fraction") + SCHEDULE_SETTINGS  # not EDropout's settings
+BENCH_SETTINGS = ("kind", "label", "networks", "min_iterations_fraction") + SCHEDULE_SETTINGS  # not EDropout's settings
 
 
 def edropout_settings(bench: Bench, spec: dict, net: str) -> dict:
@@ -405,10 +415,14 @@ def _write_progress(bench: Bench, cell: Cell, progress: Progress) -> None:
 
 
 def cell_status(bench: Bench, cell: Cell) -> str:
-    """``done``, ``waiting: ...`` (cannot start yet), or ``ready``."""
-    if os.path.exists(bench.result_path(cell)):
-        return "done"
+    """``done``, ``stale: ...`` (done with other settings than the config's now), ``waiting: ...`` (cannot start
+    yet), or ``ready``."""
     spec = bench.config["methods"][cell.method]
+    if os.path.exists(bench.result_path(cell)):
+        with open(bench.result_path(cell)) as f:
+            changed = stale_settings(bench, cell, spec, json.load(f))
+        return f"stale: {changed}; delete {bench.result_path(cell)} and its checkpoints to rerun" if changed \
+            else "done"
     if spec["kind"] in PRUNERS and not os.path.exists(bench.snapshot_path(cell.net, cell.seed)):
         return f"waiting: needs the dense snapshot at epoch {bench.config['prune_epoch']}"
     if spec["kind"] == "edropout":
@@ -416,6 +430,23 @@ def cell_status(bench: Bench, cell: Cell) -> str:
         if missing:
             return f"waiting: this EDropout takes no {', '.join(missing)} argument"
     return "ready"
+
+
+def _own_schedule(spec: dict) -> dict | None:
+    """The method entry whose schedule settings apply: a dense or EDropout method's; the pruning baselines
+    continue the dense schedule."""
+    return spec if spec["kind"] in ("dense", "edropout") else None
+
+
+def stale_settings(bench: Bench, cell: Cell, spec: dict, record: dict) -> str:
+    """What a done cell's record says it ran with that the config no longer asks ("" if nothing)."""
+    asked = {"schedule": bench.schedule(cell.net, _own_schedule(spec))}
+    if spec["kind"] == "edropout":
+        asked["settings"] = edropout_settings(bench, spec, cell.net)
+    changed = [f"{part} {key} {record[part].get(key)!r} (config: {value!r})"
+               for part, values in asked.items() if part in record
+               for key, value in values.items() if record[part].get(key) != value]
+    return ", ".join(changed)
 
 
 def run_cell(bench: Bench, cell: Cell, metadata: dict) -> dict | None:
@@ -426,10 +457,9 @@ def run_cell(bench: Bench, cell: Cell, metadata: dict) -> dict | None:
     try:
         spec = bench.config["methods"][cell.method]
         result = RUNNERS[spec["kind"]](bench, cell, spec)
-        own = spec if spec["kind"] in ("dense", "edropout") else None  # the baselines continue the dense schedule
         record = {"net": cell.net, "method": cell.method, "kind": spec["kind"], "seed": cell.seed,
                   "width": bench.config["networks"][cell.net]["width"], "epochs": bench.epochs,
-                  "schedule": bench.schedule(cell.net, own), **metadata, **result}
+                  "schedule": bench.schedule(cell.net, _own_schedule(spec)), **metadata, **result}
         path = bench.result_path(cell)
         os.makedirs(os.path.dirname(path), exist_ok=True)
         with open(path + ".tmp", "w") as f:

@@ -77,7 +77,7 @@ def _selected(cell, patterns):
 def _status_text(bench, cell):
     status = cell_status(bench, cell)
     progress = os.path.join(bench.cell_dir(cell), "progress.json")
-    if status != "done" and os.path.exists(progress):
+    if not os.path.exists(bench.result_path(cell)) and os.path.exists(progress):  # not done, nor stale
         with open(progress) as f:
             p = json.load(f)
         curve = f", validation Top-1 {p['val_curve'][-1]:.2f}" if p["val_curve"] else ""
@@ -90,7 +90,7 @@ def rebuild_table(bench, name, command):
     records, statuses = {}, {}
     for cell in bench.cells():
         path = bench.result_path(cell)
-        if os.path.exists(path):
+        if cell_status(bench, cell) == "done":  # a stale cell is listed, not counted
             with open(path) as f:
                 records[(cell.net, cell.method, cell.seed)] = json.load(f)
         statuses[cell.name] = _status_text(bench, cell)

@@ -85,7 +85,8 @@ def _schedules(config) -> str:
 
 def comparison(config, table, split) -> list:
     """An ablation's view: one row per method, per network its Top-1 and the change against the method that
-    ``config["compare_to"]`` names (the one every other method changes one thing of); [] without it."""
+    ``config["compare_to"]`` names (the one every other method changes one thing of); [] without it. "–" is a cell
+    not done yet, "not run" a method the config leaves out for that network."""
     reference = config.get("compare_to")
     if not reference:
         return []
@@ -99,7 +100,9 @@ def comparison(config, table, split) -> list:
         cells = []
         for net in nets:
             row, ref = table[net].get(method), table[net].get(reference)
-            if row is None:
+            if net not in spec.get("networks", [net]):
+                cells.append("not run")
+            elif row is None:
                 cells.append("–")
             elif ref is None or method == reference:
                 cells.append(f"{row['top1'][0]:.2f}")

@@ -79,6 +79,16 @@ def test_accuracy_benchmark_runs_every_method_and_skips_done_cells(tmp_path):
     before = {p.name: p.stat().st_mtime_ns for p in (out / "cells").iterdir()}
     _run(tmp_path, CONFIG)
     assert {p.name: p.stat().st_mtime_ns for p in (out / "cells").iterdir()} == before
+    # a cell done with other settings than the config now asks is listed as stale and left out of the table
+    methods = {**CONFIG["methods"], "edropout_target": {**CONFIG["methods"]["edropout_target"], "lr_scale": 0.5},
+               "edropout_paper": {**CONFIG["methods"]["edropout_paper"], "energy": "cross_entropy"}}
+    table = _run(tmp_path, {**CONFIG, "methods": methods}, cells="none:none:0")
+    assert "edropout_target" not in table["resnet18"] and "edropout_paper" not in table["resnet18"]
+    assert set(table["squeezenet"]) == {"dense", "l1", "torch_pruning", "edropout_paper"}
+    text = (out / "smoke.md").read_text()
+    assert "| resnet18_edropout_target_s0 | stale: schedule lr 0.05 (config: 0.025);" in text
+    assert "| resnet18_edropout_paper_s0 | stale: settings energy 'margin' (config: 'cross_entropy');" in text
+    assert {p.name: p.stat().st_mtime_ns for p in (out / "cells").iterdir()} == before
 
 
 class _Killed(Exception):
@@ -132,11 +142,46 @@ def test_accuracy_plot_takes_any_number_of_methods(tmp_path):
 
 def test_ablation_view_gives_each_change_against_the_reference():
     config = {"compare_to": "base", "networks": {"a": {"width": 8}, "b": {"width": 16}},
-              "methods": {"base": {"label": "the base"}, "x": {"label": "change x"}, "y": {}}}
+              "methods": {"base": {"label": "the base"}, "x": {"label": "change x"}, "y": {},
+                          "z": {"networks": ["b"]}}}
     table = {"a": {"base": {"top1": (80.0, 0.0)}, "x": {"top1": (81.25, 0.5)}, "y": {"top1": (79.5, 0.0)}},
              "b": {"base": {"top1": (70.0, 0.0)}, "y": {"top1": (72.0, 0.0)}}}
     lines = _load("accuracy_table").comparison(config, table, "val")
     assert "validation Top-1" in lines[0] and "`base`" in lines[0]
-    assert lines[2:7] == ["| method | a w8 | b w16 |", "|---|---|---|", "| the base | 80.00 | 70.00 |",
-                          "| change x | 81.25 (+1.25) | – |", "| y | 79.50 (-0.50) | 72.00 (+2.00) |"]
+    assert lines[2:8] == ["| method | a w8 | b w16 |", "|---|---|---|", "| the base | 80.00 | 70.00 |",
+                          "| change x | 81.25 (+1.25) | – |", "| y | 79.50 (-0.50) | 72.00 (+2.00) |",
+                          "| z | not run | – |"]
     assert _load("accuracy_table").comparison({**config, "compare_to": None}, table, "val") == []
+
+
+def _cells_module():
+    if BENCH_DIR not in sys.path:
+        sys.path.insert(0, BENCH_DIR)
+    return importlib.import_module("accuracy_cells")
+
+
+def _bench(config):
+    train = type("Splits", (), {"train_x": torch.zeros(2, 1, 28, 28), "train_y": torch.zeros(256)})()
+    return _cells_module().Bench(config, train, None, None, "cpu", "unused", "unused")
+
+
+def test_a_method_can_scale_each_networks_lr_and_run_on_some_networks_only():
+    config = {**CONFIG, "methods": {"dense": {"kind": "dense"},
+                                    "half": {"kind": "edropout", "target": 0.5, "lr_scale": 0.5},
+                                    "adadelta": {"kind": "edropout", "optimizer": "adadelta", "lr": 1.0,
+                                                 "networks": ["resnet18"]}}}
+    bench = _bench(config)
+    assert [c.name for c in bench.cells()] == ["resnet18_dense_s0", "resnet18_half_s0", "resnet18_adadelta_s0",
+                                               "squeezenet_dense_s0", "squeezenet_half_s0"]
+    half = config["methods"]["half"]
+    assert bench.schedule("resnet18", half)["lr"] == pytest.approx(0.025)  # SGD's 0.05, halved
+    assert bench.schedule("squeezenet", half)["lr"] == pytest.approx(0.5)  # Adadelta's 1.0, halved
+    assert bench.schedule("squeezenet")["lr"] == 1.0
+    settings = _cells_module().edropout_settings(bench, half, "squeezenet")
+    assert "lr_scale" not in settings and "networks" not in settings and settings["target"] == 0.5
+
+
+def test_a_method_naming_a_network_the_config_lacks_is_refused():
+    config = {**CONFIG, "methods": {"x": {"kind": "dense", "networks": ["resnet18", "resnet50"]}}}
+    with pytest.raises(ValueError, match=r"method 'x' names networks \['resnet50'\]"):
+        _bench(config)
