@@ -78,3 +78,15 @@ def test_a_cpu_rank_joining_with_bind_gets_its_cores_and_threads(threads):
     for rank, affinity, count in found:
         share = core_share(allowed, rank, world)
         assert affinity == share and count == (threads or len(share))
+
+
+def test_a_single_process_join_sets_the_threads_asked_and_binds_nothing(monkeypatch):
+    for name in ("RANK", "LOCAL_RANK", "WORLD_SIZE", "LOCAL_WORLD_SIZE"):
+        monkeypatch.delenv(name, raising=False)
+    before, allowed = torch.get_num_threads(), os.sched_getaffinity(0)
+    try:
+        launch = join("cpu", "data", bind=True, threads=before + 1)
+        assert launch.world_size == 1 and torch.get_num_threads() == before + 1
+        assert os.sched_getaffinity(0) == allowed
+    finally:
+        torch.set_num_threads(before)

@@ -256,8 +256,6 @@ def _params(model):
 def prune(args, run_state=None) -> dict | None:
     """Run the main job and return the report it wrote (None on ranks other than 0, which write nothing)."""
     device = _device(args)
-    if args.threads:
-        torch.set_num_threads(args.threads)
     launch = join(device.type, args.parallel, args.bind_cores, args.threads)
     try:
         report = _prune(args, launch, {} if run_state is None else run_state)

@@ -92,18 +92,21 @@ def bind_cores(local_rank: int, local_world_size: int) -> int:
 
 def join(device_name: str = "auto", parallel: str = "data", bind: bool = False, threads: int | None = None) -> Launch:
     """The job described by torchrun's environment (RANK, WORLD_SIZE, LOCAL_RANK, LOCAL_WORLD_SIZE), joined with
-    NCCL on GPUs and gloo on CPU; a single process when WORLD_SIZE is absent or 1. ``bind`` (CPU ranks only):
-    ``bind_cores`` before joining, and ``threads`` threads (None: as many as the cores it got)."""
+    NCCL on GPUs and gloo on CPU; a single process when WORLD_SIZE is absent or 1. ``threads``: this process's CPU
+    threads (None: torch's default). ``bind`` (CPU ranks only): ``bind_cores`` before joining, and as many threads
+    as the cores it got unless ``threads`` says otherwise."""
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
     device = _device(device_name, local_rank)
+    if bind and world_size > 1 and device.type == "cpu":
+        cores = bind_cores(local_rank, int(os.environ.get("LOCAL_WORLD_SIZE", world_size)))
+        threads = threads or cores
+    if threads:
+        torch.set_num_threads(threads)
     if world_size == 1:
         return Launch(0, 1, device)
     if device.type == "cuda":
         torch.cuda.set_device(device)
-    elif bind:
-        cores = bind_cores(local_rank, int(os.environ.get("LOCAL_WORLD_SIZE", world_size)))
-        torch.set_num_threads(threads or cores)
     owns_group = not dist.is_initialized()
     if owns_group:
         dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
