@@ -498,7 +498,8 @@ def cap_memory(cap: int = MEMORY_CAP):
 def run_all(names, cache: Path, run: bool = True, timeout: int = TIMEOUT, triton_seconds: int = TRITON_SECONDS,
             memory_cap: int = MEMORY_CAP) -> list:
     """Rows of the selected models, each from the cache or (``run``) from a fresh subprocess under ``memory_cap``
-    bytes of address space (recorded in the row when it is not ``MEMORY_CAP``)."""
+    bytes of address space (recorded in the row when it is not ``MEMORY_CAP``); a model whose subprocess wrote no
+    row gets a crash row naming what went wrong and the limits it ran under."""
     cache.mkdir(parents=True, exist_ok=True)
     rows = []
     for source, name, kwargs, side in MODELS:
@@ -511,22 +512,14 @@ def run_all(names, cache: Path, run: bool = True, timeout: int = TIMEOUT, triton
         if not path.exists():
             print(f"{source}/{name} ...", flush=True)
             start = time.time()
-            try:
-                proc = subprocess.run([sys.executable, __file__, "--one", source, name, "--json", str(path),
-                                       "--triton-seconds", str(triton_seconds)],
-                                      preexec_fn=lambda: cap_memory(memory_cap), capture_output=True, text=True,
-                                      timeout=timeout)
-                if not path.exists():
-                    tail = (proc.stderr or proc.stdout).strip().splitlines()[-3:]
-                    row = {"model": f"{source}/{name}", "crash": f"exit {proc.returncode} (memory cap "
-                           f"{memory_cap / 2 ** 30:.0f} GiB, {timeout} s): {' | '.join(tail)}"}
-                    path.write_text(json.dumps(row, indent=1))
-                elif memory_cap != MEMORY_CAP:
-                    row = json.loads(path.read_text())
-                    row["memory_cap_gib"] = memory_cap / 2 ** 30
-                    path.write_text(json.dumps(row, indent=1))
-            except subprocess.TimeoutExpired:
-                path.write_text(json.dumps({"model": f"{source}/{name}", "crash": f"timeout after {timeout} s"}))
+            failure = _rerun(source, name, path, ["--triton-seconds", str(triton_seconds)], memory_cap, timeout)
+            if not path.exists():
+                crash = f"{failure or 'no row written'} (memory cap {memory_cap / 2 ** 30:g} GiB, {timeout} s)"
+                path.write_text(json.dumps({"model": f"{source}/{name}", "crash": crash}, indent=1))
+            elif memory_cap != MEMORY_CAP:
+                row = json.loads(path.read_text())
+                row["memory_cap_gib"] = memory_cap / 2 ** 30
+                path.write_text(json.dumps(row, indent=1))
             print(f"  {time.time() - start:.0f} s", flush=True)
         rows.append(json.loads(path.read_text()))
     return rows
