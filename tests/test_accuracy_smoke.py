@@ -160,9 +160,9 @@ def _cells_module():
     return importlib.import_module("accuracy_cells")
 
 
-def _bench(config):
-    train = type("Splits", (), {"train_x": torch.zeros(2, 1, 28, 28), "train_y": torch.zeros(256)})()
-    return _cells_module().Bench(config, train, None, None, "cpu", "unused", "unused")
+def _bench(config, train_images=256, results_dir="unused"):
+    train = type("Splits", (), {"train_x": torch.zeros(2, 1, 28, 28), "train_y": torch.zeros(train_images)})()
+    return _cells_module().Bench(config, train, None, None, "cpu", results_dir, "unused")
 
 
 def test_a_method_can_scale_each_networks_lr_and_run_on_some_networks_only():
@@ -185,3 +185,15 @@ def test_a_method_naming_a_network_the_config_lacks_is_refused():
     config = {**CONFIG, "methods": {"x": {"kind": "dense", "networks": ["resnet18", "resnet50"]}}}
     with pytest.raises(ValueError, match=r"method 'x' names networks \['resnet50'\]"):
         _bench(config)
+
+
+@pytest.mark.parametrize("name", ["accuracy_cpu_full", "accuracy_ablation_cpu"])
+def test_the_committed_tables_hold_every_cell_of_their_config_with_its_settings(name):
+    # the README quotes these tables: a config changed after its cells ran would make them stale
+    with open(os.path.join(BENCH_DIR, "configs", name + ".json")) as f:
+        config = json.load(f)
+    fashion_mnist_train = 60000
+    bench = _bench(config, config.get("train_images", fashion_mnist_train - config["validation_images"]),
+                   os.path.join(BENCH_DIR, "results", name))
+    statuses = {cell.name: _cells_module().cell_status(bench, cell) for cell in bench.cells()}
+    assert statuses and all(status == "done" for status in statuses.values()), statuses
