@@ -74,8 +74,8 @@ def _selected(cell, patterns):
     return any(fnmatch.fnmatch(f"{cell.net}:{cell.method}:{cell.seed}", p.strip()) for p in patterns.split(","))
 
 
-def _status_text(bench, cell):
-    status = cell_status(bench, cell)
+def _status_text(bench, cell, status):
+    """The table's status line of a cell whose ``cell_status`` is ``status``, with its progress if it is running."""
     progress = os.path.join(bench.cell_dir(cell), "progress.json")
     if not os.path.exists(bench.result_path(cell)) and os.path.exists(progress):  # not done, nor stale
         with open(progress) as f:
@@ -89,11 +89,11 @@ def _status_text(bench, cell):
 def rebuild_table(bench, name, command):
     records, statuses = {}, {}
     for cell in bench.cells():
-        path = bench.result_path(cell)
-        if cell_status(bench, cell) == "done":  # a stale cell is listed, not counted
-            with open(path) as f:
+        status = cell_status(bench, cell)
+        if status == "done":  # a stale cell is listed, not counted
+            with open(bench.result_path(cell)) as f:
                 records[(cell.net, cell.method, cell.seed)] = json.load(f)
-        statuses[cell.name] = _status_text(bench, cell)
+        statuses[cell.name] = _status_text(bench, cell, status)
     dates = sorted({r["date"] for r in records.values()})
     meta = {**run_metadata(name, bench.device), "command": command,
             "dates": (dates[0] if len(dates) == 1 else f"{dates[0]} to {dates[-1]}") if dates else "no cell done",
